@@ -1,0 +1,183 @@
+"""The backend contract: load a shard, run forward, release a sequence, close.
+
+A *shard* is a half-open range of transformer layers ``[start, stop)`` of
+one model. The first shard (``start == 0``) owns the token embedding and
+takes token ids; later shards take hidden states. The last shard
+(``stop == num_layers``) owns the final norm and the LM head and returns
+logits. A whole-model backend (e.g. llama.cpp on a GGUF) is a shard with
+``[0, num_layers)``.
+
+Backends never tokenize or sample; that lives in the engine/router. Each
+backend keeps the KV cache of the sequences it has seen, keyed by the
+caller's ``seq_id``, until ``release(seq_id)``.
+
+All methods block; callers keep them off the event loop (worker thread or
+Ray actor).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from edgemesh.errors import ConfigError
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Half-open range of layer indices ``[start, stop)``."""
+
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise ConfigError(f"invalid layer range [{self.start}, {self.stop})")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.stop})"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What to load: a model (package dir or .gguf file) and a layer range."""
+
+    model: Path
+    layers: LayerRange
+    num_layers: int
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.layers.stop > self.num_layers:
+            raise ConfigError(
+                f"layer range {self.layers} exceeds the model's {self.num_layers} layers"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision '{self.precision}', expected one of {PRECISIONS}")
+
+    @property
+    def is_first(self) -> bool:
+        return self.layers.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layers.stop == self.num_layers
+
+    @property
+    def is_whole(self) -> bool:
+        return self.is_first and self.is_last
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Static facts about a backend, so the core never branches on its name."""
+
+    partial_ranges: bool
+    """Can run any ``[start, stop)``; False means whole model only."""
+    precisions: tuple[str, ...]
+    artifact_format: str
+    """``"onnx"`` (a converted edgemesh package) or ``"gguf"``."""
+    max_batch: int = 64
+    needs_compiled_artifact: bool = False
+    """Builds a per-range engine/blob from the ONNX before it can run."""
+    devices: tuple[str, ...] = ("cpu",)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Runtime knobs from the fingerprint and config (never from env vars)."""
+
+    threads: int | None = None
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    context_length: int | None = None
+    max_sequences: int = 16
+
+
+@dataclass
+class SeqInput:
+    """One sequence's slice of a forward call.
+
+    Exactly one of ``tokens`` (first shard) or ``hidden`` (later shards) is
+    set. ``start_pos`` is the position of the first new token, i.e. the
+    number of tokens already in this sequence's KV cache.
+    """
+
+    seq_id: int
+    start_pos: int
+    tokens: np.ndarray | None = None  # int64 [S]
+    hidden: np.ndarray | None = None  # float32/float16 [S, H]
+    logits: str = "last"  # "last" -> [1, V]; "all" -> [S, V] (last shard only)
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.hidden is None):
+            raise ConfigError("SeqInput needs exactly one of tokens or hidden")
+        if self.start_pos < 0:
+            raise ConfigError(f"start_pos must be >= 0, got {self.start_pos}")
+
+    @property
+    def length(self) -> int:
+        data = self.tokens if self.tokens is not None else self.hidden
+        assert data is not None
+        return int(data.shape[0])
+
+
+class Backend(ABC):
+    """Base class of every backend. Subclasses set the class variables.
+
+    Construction loads the shard and raises ``ModelNotFoundError``,
+    ``CorruptArtifactError``, ``ShardLoadError`` or
+    ``BackendUnavailableError``; ``forward`` raises ``InferenceError``.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    extra: ClassVar[str]
+    """The pip extra that installs the runtime."""
+    module: ClassVar[str]
+    """The runtime's import name, probed by ``available()``."""
+
+    def __init__(self, shard: ShardSpec, options: BackendOptions | None = None) -> None:
+        self.shard = shard
+        self.options = options or BackendOptions()
+
+    @classmethod
+    def available(cls) -> str | None:
+        """None when usable here, else why not. Cheap: imports nothing."""
+        if importlib.util.find_spec(cls.module) is None:
+            return f"'{cls.module}' is not installed (pip install 'edgemesh[{cls.extra}]')"
+        return None
+
+    @abstractmethod
+    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
+        """Run the shard on a batch of sequences.
+
+        Returns one array per input, in order: hidden states ``[S, H]``
+        (float32) from non-last shards, logits ``[1, V]`` or ``[S, V]``
+        (float32) from the last shard.
+        """
+
+    @abstractmethod
+    def release(self, seq_id: int) -> None:
+        """Drop a sequence's KV cache. Unknown ids are ignored."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free everything. Idempotent."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,77 @@
+"""Find backends by name, lazily.
+
+A built-in backend is any module of this package that defines ``BACKEND``
+(adding hardware = adding one file). Out-of-tree backends register an entry
+point in the ``edgemesh.backends`` group pointing at their class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from edgemesh.backends.base import Backend
+
+from edgemesh.errors import BackendUnavailableError, ConfigError
+
+_NOT_BACKENDS = {"base", "registry"}
+
+
+@lru_cache(maxsize=1)
+def _builtin() -> dict[str, type[Backend]]:
+    import edgemesh.backends as pkg
+
+    found: dict[str, type[Backend]] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name in _NOT_BACKENDS or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"edgemesh.backends.{info.name}")
+        cls = getattr(module, "BACKEND", None)
+        if cls is not None:
+            found[cls.name] = cls
+    return found
+
+
+def _plugins() -> dict[str, type[Backend]]:
+    found: dict[str, type[Backend]] = {}
+    for ep in entry_points(group="edgemesh.backends"):
+        cls = ep.load()
+        found[getattr(cls, "name", ep.name)] = cls
+    return found
+
+
+def all_backends() -> dict[str, type[Backend]]:
+    """Every known backend class by name, installed or not (sorted)."""
+    merged = {**_builtin(), **_plugins()}
+    return dict(sorted(merged.items()))
+
+
+def names() -> list[str]:
+    return list(all_backends())
+
+
+def get(name: str) -> type[Backend]:
+    """The backend class called ``name``; raises ConfigError if unknown."""
+    backends = all_backends()
+    try:
+        return backends[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown backend '{name}'", hint=f"choose one of: {', '.join(backends)}"
+        ) from None
+
+
+def require_available(name: str) -> type[Backend]:
+    """Like ``get`` but raises BackendUnavailableError when it cannot run here."""
+    cls = get(name)
+    reason = cls.available()
+    if reason is not None:
+        raise BackendUnavailableError(f"backend '{name}' cannot run here: {reason}")
+    return cls
+
+
+def availability() -> dict[str, str | None]:
+    """name -> None if usable here, else the reason."""
+    return {name: cls.available() for name, cls in all_backends().items()}

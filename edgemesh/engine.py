@@ -1,0 +1,347 @@
+"""The generation engine: continuous batching over a pipeline of shards.
+
+The engine owns per-sequence state (tokens, position, sampling settings)
+and a scheduler thread that, each step, runs every active sequence through
+the pipeline in one batched ``forward`` call, samples the next tokens and
+streams them to their requests. A *pipeline* is anything with the backend
+methods ``forward`` / ``release`` / ``close`` that takes tokens and returns
+logits: a whole-model backend, a local chain of shards, or the mesh router.
+
+Blocking work (forward) runs on the scheduler thread, never on the event
+loop; results reach async callers through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgemesh.backends.base import SeqInput
+from edgemesh.errors import ContextOverflowError, EdgemeshError, OverloadedError
+from edgemesh.sampling import SamplingParams, apply_penalties, sample
+from edgemesh.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline(Protocol):
+    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]: ...
+    def release(self, seq_id: int) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a generation: new text, and on the last event a reason."""
+
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: EdgemeshError | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    context_length: int
+    max_sequences: int = 8
+    """Sequences decoded together in one batch."""
+    max_queue: int = 32
+    """Requests waiting for a slot; beyond it submit() raises OverloadedError."""
+    prefill_chunk: int = 256
+    """Prompt tokens fed per step, so long prompts do not stall other streams."""
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    sink: _Sink
+    rng: np.random.Generator
+    decoder: StreamDecoder
+    generated: list[int] = field(default_factory=list)
+    counts: Counter[int] = field(default_factory=Counter)
+    fed: int = 0
+    """Tokens already in the pipeline's KV cache."""
+    text: str = ""
+    """Decoded but not yet emitted (held back while it may start a stop string)."""
+    cancelled: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pending_tokens(self) -> list[int]:
+        all_tokens = self.prompt + self.generated
+        return all_tokens[self.fed :]
+
+
+class _Sink:
+    """Delivers events to a waiting consumer on any thread or event loop."""
+
+    def __init__(self) -> None:
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if self._loop else None
+        self._sync: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    def put(self, event: Event) -> None:
+        if self._loop is not None and self._async is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is gone: nobody is listening
+                pass
+        else:
+            self._sync.put(event)
+
+    async def aget(self) -> Event:
+        assert self._async is not None, "handle was created outside an event loop"
+        return await self._async.get()
+
+    def get(self, timeout: float | None = None) -> Event:
+        return self._sync.get(timeout=timeout)
+
+
+class Generation:
+    """Handle to one submitted request: iterate events, or cancel."""
+
+    def __init__(self, engine: Engine, seq: _Sequence) -> None:
+        self._engine = engine
+        self._seq = seq
+        self.prompt_tokens = len(seq.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self._seq.generated)
+
+    def cancel(self) -> None:
+        """Stop generating and free the KV cache everywhere. Idempotent."""
+        self._engine._cancel(self._seq)
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self._seq.sink.aget()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            while True:
+                event = self._seq.sink.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+
+class Engine:
+    """Continuous-batching decode loop over a pipeline. Thread-safe submit."""
+
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.config = config
+        self._waiting: deque[_Sequence] = deque()
+        self._active: dict[int, _Sequence] = {}
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="edgemesh-engine", daemon=True)
+        self._thread.start()
+        self.stats = EngineStats()
+
+    # -- public API -------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+        """Queue a request. Raises ContextOverflowError or OverloadedError."""
+        if not prompt:
+            raise ContextOverflowError("the prompt is empty", param="prompt")
+        if len(prompt) + params.max_tokens > self.config.context_length:
+            raise ContextOverflowError(
+                f"this model's context is {self.config.context_length} tokens; the prompt has "
+                f"{len(prompt)} tokens and max_tokens is {params.max_tokens}",
+                param="max_tokens" if len(prompt) < self.config.context_length else "prompt",
+                code="context_length_exceeded",
+            )
+        seq = _Sequence(
+            seq_id=next(self._ids),
+            prompt=list(prompt),
+            params=params,
+            sink=_Sink(),
+            rng=np.random.default_rng(params.seed),
+            decoder=self.tokenizer.stream_decoder(),
+        )
+        with self._cond:
+            if self._stopped:
+                raise OverloadedError("the engine is shutting down", retry_after_s=5.0)
+            # Free decode slots count as room: the scheduler admits on its next step.
+            free = self.config.max_sequences - len(self._active)
+            if len(self._waiting) - max(free, 0) >= self.config.max_queue:
+                raise OverloadedError(
+                    f"{len(self._active)} sequences are running and {len(self._waiting)} "
+                    "are waiting; try again shortly",
+                    retry_after_s=1.0,
+                )
+            self._waiting.append(seq)
+            self._cond.notify()
+        return Generation(self, seq)
+
+    @property
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"active": len(self._active), "waiting": len(self._waiting)}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        for seq in list(self._active.values()) + list(self._waiting):
+            seq.sink.put(Event(None, "", "error", OverloadedError("the engine stopped")))
+        self.pipeline.close()
+
+    # -- scheduler --------------------------------------------------------
+
+    def _cancel(self, seq: _Sequence) -> None:
+        with self._cond:
+            seq.cancelled = True
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                self._reap_cancelled()
+                while self._waiting and len(self._active) < self.config.max_sequences:
+                    seq = self._waiting.popleft()
+                    self._active[seq.seq_id] = seq
+                batch = list(self._active.values())
+            if batch:
+                self._step(batch)
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self._active.values() if s.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _step(self, batch: list[_Sequence]) -> None:
+        inputs = []
+        for seq in batch:
+            tokens = seq.pending_tokens[: self.config.prefill_chunk]
+            inputs.append(
+                SeqInput(seq.seq_id, seq.fed, tokens=np.asarray(tokens, dtype=np.int64))
+            )
+        started = time.perf_counter()
+        try:
+            outputs = self.pipeline.forward(inputs)
+        except EdgemeshError as exc:
+            log.error("forward failed for %d sequences: %s", len(batch), exc)
+            for seq in batch:
+                self._finish(seq, "error", exc)
+            return
+        self.stats.record_step(len(batch), time.perf_counter() - started)
+        for seq, inp, logits in zip(batch, inputs, outputs, strict=True):
+            seq.fed += inp.length
+            if seq.cancelled or seq.pending_tokens:
+                continue  # cancelled, or still prefilling a long prompt
+            self._advance(seq, logits[-1])
+
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
+        params = seq.params
+        token = sample(apply_penalties(logits, seq.counts, params), params, seq.rng)
+        seq.generated.append(token)
+        seq.counts[token] += 1
+        self.stats.tokens += 1
+        if token in self.tokenizer.eos_ids and not params.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        seq.text += seq.decoder.feed(token)
+        if params.stop and self._hit_stop(seq):
+            return
+        out_of_room = len(seq.prompt) + len(seq.generated) >= self.config.context_length
+        if len(seq.generated) >= params.max_tokens or out_of_room:
+            seq.text += seq.decoder.flush()
+            self._finish(seq, "length")
+            return
+        emit = _safe_prefix(seq.text, params.stop)
+        if emit:
+            seq.text = seq.text[len(emit) :]
+        seq.sink.put(Event(token, emit))
+
+    def _hit_stop(self, seq: _Sequence) -> bool:
+        cut = min((i for s in seq.params.stop if (i := seq.text.find(s)) >= 0), default=-1)
+        if cut < 0:
+            return False
+        seq.text = seq.text[:cut]
+        self._finish(seq, "stop")
+        return True
+
+    def _finish(self, seq: _Sequence, reason: str, error: EdgemeshError | None = None) -> None:
+        with self._cond:
+            self._active.pop(seq.seq_id, None)
+        try:
+            self.pipeline.release(seq.seq_id)
+        except EdgemeshError as exc:  # a vanished box cannot free its cache; nothing to lose
+            log.warning("release of sequence %d failed: %s", seq.seq_id, exc)
+        last = seq.generated[-1] if seq.generated and reason != "cancelled" else None
+        seq.sink.put(Event(last, seq.text if reason != "cancelled" else "", reason, error))
+        seq.text = ""
+
+
+def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """The part of ``text`` that cannot be the start of a stop string."""
+    if not stops:
+        return text
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold]
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics and the dashboard (approximate under races)."""
+
+    tokens: int = 0
+    steps: int = 0
+    busy_s: float = 0.0
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+    step_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    def record_step(self, batch: int, seconds: float) -> None:
+        self.steps += 1
+        self.busy_s += seconds
+        self.batch_sizes.append(batch)
+        self.step_times.append(seconds)
+
+    def to_dict(self) -> dict[str, float]:
+        recent = list(self.step_times)
+        return {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "busy_s": round(self.busy_s, 3),
+            "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
+            "mean_step_ms": 1000 * float(np.mean(recent)) if recent else 0.0,
+        }

@@ -1,0 +1,155 @@
+"""Typed errors: every failure a user can act on has a class here.
+
+    EdgemeshError
+    ├── ConfigError                 bad option, flag or config file
+    ├── MissingExtraError           an optional dependency is not installed
+    ├── FingerprintError            a box's system files could not be read
+    ├── ModelError
+    │   ├── ModelNotFoundError      no file/folder where the model should be
+    │   ├── CorruptArtifactError    size or sha256 does not match the manifest
+    │   └── UnsupportedModelError   architecture/format edgemesh cannot run
+    ├── BackendError
+    │   ├── BackendUnavailableError backend not installed or hardware absent
+    │   ├── ShardLoadError          the runtime refused to load a shard
+    │   └── InferenceError          the runtime failed during forward
+    ├── PlanError
+    │   └── InfeasiblePlanError     the model cannot fit on the given boxes
+    ├── MeshError
+    │   ├── DiscoveryError          mDNS announce/browse failed
+    │   ├── AuthError               wrong or missing mesh secret
+    │   └── BoxLostError            a box vanished mid-generation
+    └── RequestError                a client request that cannot be served
+        ├── ContextOverflowError    prompt + max_tokens exceed the context
+        └── OverloadedError         the queue is full; retry later
+
+Third-party exceptions are translated at the boundary with
+``raise ... from exc`` so the cause is never hidden.
+"""
+
+from __future__ import annotations
+
+
+class EdgemeshError(Exception):
+    """Base class; ``hint`` says what the user must do to fix it."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        return f"{base} ({self.hint})" if self.hint else base
+
+
+class ConfigError(EdgemeshError):
+    pass
+
+
+class MissingExtraError(EdgemeshError):
+    """An optional dependency is missing; the message names the pip extra."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"'{module}' is not installed",
+            hint=f"pip install 'edgemesh[{extra}]'",
+        )
+        self.module = module
+        self.extra = extra
+
+
+class FingerprintError(EdgemeshError):
+    pass
+
+
+class ModelError(EdgemeshError):
+    pass
+
+
+class ModelNotFoundError(ModelError):
+    pass
+
+
+class CorruptArtifactError(ModelError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"artifact '{path}' is corrupt: {reason}",
+            hint="re-run `edgemesh convert` or copy the file again",
+        )
+        self.path = path
+
+
+class UnsupportedModelError(ModelError):
+    pass
+
+
+class BackendError(EdgemeshError):
+    pass
+
+
+class BackendUnavailableError(BackendError):
+    pass
+
+
+class ShardLoadError(BackendError):
+    pass
+
+
+class InferenceError(BackendError):
+    pass
+
+
+class PlanError(EdgemeshError):
+    pass
+
+
+class InfeasiblePlanError(PlanError):
+    pass
+
+
+class MeshError(EdgemeshError):
+    pass
+
+
+class DiscoveryError(MeshError):
+    pass
+
+
+class AuthError(MeshError):
+    pass
+
+
+class BoxLostError(MeshError):
+    pass
+
+
+class RequestError(EdgemeshError):
+    """A request that cannot be served; ``status`` is the HTTP status."""
+
+    status: int = 400
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextOverflowError(RequestError):
+    status = 400
+
+
+class OverloadedError(RequestError):
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+
+def require(module: str, extra: str):
+    """Import an optional heavy dependency or raise MissingExtraError."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(module, extra) from exc

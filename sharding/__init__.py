@@ -1,0 +1,1 @@
+"""Model packages cut into layer ranges, and the partitioner that places them."""
