@@ -1,0 +1,1 @@
+"""Mesh: boxes that find each other (mDNS), elect a head and form a Ray cluster."""
