@@ -26,8 +26,9 @@ PROMPT = "The history of the printing press begins"
 RESULTS = Path("bench/results")
 
 
-def run(*, model: str | None, tokens: int, threads: int | None, repeats: int,
-        out: Path | None) -> dict[str, Any]:
+def run(
+    *, model: str | None, tokens: int, threads: int | None, repeats: int, out: Path | None
+) -> dict[str, Any]:
     from edgemesh import models
 
     source = models.resolve(model)
@@ -62,24 +63,40 @@ def run(*, model: str | None, tokens: int, threads: int | None, repeats: int,
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"model {result['model']}, {result['tokens']} tokens, {result['threads']} threads",
-             f"{'engine':<22}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}"]
+    lines = [
+        f"model {result['model']}, {result['tokens']} tokens, {result['threads']} threads",
+        f"{'engine':<22}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}",
+    ]
     for name, r in result["runs"].items():
-        lines.append(f"{name:<22}{r['decode_tokens_per_s']:>14.1f}{r['ttft_ms']:>10.1f}"
-                     f"{r['peak_rss_mb']:>13.0f}")
+        lines.append(
+            f"{name:<22}{r['decode_tokens_per_s']:>14.1f}{r['ttft_ms']:>10.1f}"
+            f"{r['peak_rss_mb']:>13.0f}"
+        )
     lines.append(f"gateway / llama.cpp = {result['gateway_ratio']:.3f}")
     lines.append(f"edgemesh ({result['backend']}) / llama.cpp = {result['ratio']:.3f}")
     return "\n".join(lines)
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "system": platform.platform()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
 
 
 def _spawn(worker: str, model: Path, tokens: int, threads: int, repeats: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "edgemesh.bench.single", worker, str(model), str(tokens),
-           str(threads), str(repeats)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgemesh.bench.single",
+        worker,
+        str(model),
+        str(tokens),
+        str(threads),
+        str(repeats),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {worker} failed:\n{proc.stderr[-2000:]}")
@@ -113,8 +130,14 @@ def _timed(stream: Any) -> tuple[float, float, int]:
 def _llamacpp_direct(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    llm = Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)
+    llm = Llama(
+        str(model),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
     samples = []
     for _ in range(repeats):
         llm.reset()
@@ -133,23 +156,32 @@ def _gateway(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, 
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import ModelSource
 
-    service = load_service(ModelSource("m", model, "gguf"),
-                           LocalOptions(threads=threads, context_length=2048, max_sequences=4))
+    service = load_service(
+        ModelSource("m", model, "gguf"),
+        LocalOptions(threads=threads, context_length=2048, max_sequences=4),
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app([service]), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app([service]), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0,
-            "stream": True}
+    body = {
+        "model": "m",
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+    }
 
     def stream() -> Any:
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
-                          timeout=120) as resp:
+        with httpx.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120
+        ) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
                     yield line

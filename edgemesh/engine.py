@@ -1,11 +1,11 @@
 """The generation engine: continuous batching over a pipeline of shards.
 
 The engine owns per-sequence state (tokens, position, sampling settings)
-and a scheduler thread that, each step, runs every active sequence through
-the pipeline in one batched ``forward`` call, samples the next tokens and
-streams them to their requests. A *pipeline* is anything with the backend
-methods ``forward`` / ``release`` / ``close`` that takes tokens and returns
-logits: a whole-model backend, a local chain of shards, or the mesh router.
+and a scheduler thread. Each round it groups the sequences that are not
+already in flight into micro-batches — as many as the pipeline has stages,
+so every stage has work — submits them, and when a micro-batch comes back
+streams the new tokens to their requests. A single box is a pipeline of
+depth 1: one batched call per step.
 
 Blocking work (forward) runs on the scheduler thread, never on the event
 loop; results reach async callers through ``call_soon_threadsafe``.
@@ -14,30 +14,32 @@ loop; results reach async callers through ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import itertools
 import logging
+import math
 import queue
+import secrets
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from edgemesh.backends.base import SeqInput
-from edgemesh.errors import ContextOverflowError, EdgemeshError, OverloadedError
-from edgemesh.sampling import SamplingParams, apply_penalties, sample
+from edgemesh.errors import (
+    ContextOverflowError,
+    EdgemeshError,
+    InferenceError,
+    OverloadedError,
+)
+from edgemesh.pipeline import Pick, Pipeline
+from edgemesh.sampling import SamplingParams
 from edgemesh.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class Pipeline(Protocol):
-    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]: ...
-    def release(self, seq_id: int) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class _Sequence:
     prompt: list[int]
     params: SamplingParams
     sink: _Sink
-    rng: np.random.Generator
+    seed: int
     decoder: StreamDecoder
     generated: list[int] = field(default_factory=list)
     counts: Counter[int] = field(default_factory=Counter)
@@ -76,6 +78,7 @@ class _Sequence:
     text: str = ""
     """Decoded but not yet emitted (held back while it may start a stop string)."""
     cancelled: bool = False
+    in_flight: bool = False
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -183,7 +186,7 @@ class Engine:
             prompt=list(prompt),
             params=params,
             sink=_Sink(),
-            rng=np.random.default_rng(params.seed),
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
             decoder=self.tokenizer.stream_decoder(),
         )
         with self._cond:
@@ -225,49 +228,108 @@ class Engine:
             self._cond.notify()
 
     def _run(self) -> None:
+        in_flight: dict[cf.Future[list[int | None]], tuple[list[_Sequence], list, float]] = {}
+        done: deque[cf.Future[list[int | None]]] = deque()
+
+        def on_done(future: cf.Future[list[int | None]]) -> None:
+            with self._cond:
+                done.append(future)
+                self._cond.notify()
+
+        depth = max(1, getattr(self.pipeline, "depth", 1))
         while True:
             with self._cond:
-                while not self._stopped and not self._waiting and not self._active:
+                while not (self._stopped or done or self._can_launch(len(in_flight), depth)):
                     self._cond.wait()
                 if self._stopped:
                     return
+                finished = list(done)
+                done.clear()
                 self._reap_cancelled()
                 while self._waiting and len(self._active) < self.config.max_sequences:
                     seq = self._waiting.popleft()
                     self._active[seq.seq_id] = seq
-                batch = list(self._active.values())
-            if batch:
-                self._step(batch)
+                ready = [s for s in self._active.values() if not s.in_flight]
+                size = math.ceil(len(self._active) / depth) if ready else 0
+                batches = []
+                while ready and len(in_flight) + len(batches) < depth:
+                    batches.append(ready[:size])
+                    ready = ready[size:]
+                for batch in batches:
+                    for seq in batch:
+                        seq.in_flight = True
+            for future in finished:
+                self._complete(*in_flight.pop(future), future)
+            for batch in batches:
+                inputs = self._inputs(batch)
+                picks = [self._pick(seq, inp) for seq, inp in zip(batch, inputs, strict=True)]
+                started = time.perf_counter()
+                future = self.pipeline.submit(inputs, picks)
+                in_flight[future] = (batch, inputs, started)
+                future.add_done_callback(on_done)
+
+    def _can_launch(self, in_flight: int, depth: int) -> bool:
+        if in_flight >= depth:
+            return False
+        if any(s.cancelled and not s.in_flight for s in self._active.values()):
+            return True
+        if self._waiting and len(self._active) < self.config.max_sequences:
+            return True
+        return any(not s.in_flight for s in self._active.values())
 
     def _reap_cancelled(self) -> None:
-        for seq in [s for s in self._active.values() if s.cancelled]:
-            self._finish(seq, "cancelled")
+        for seq in [s for s in self._active.values() if s.cancelled and not s.in_flight]:
+            self._finish(seq, "cancelled", lock=False)
 
-    def _step(self, batch: list[_Sequence]) -> None:
-        inputs = []
-        for seq in batch:
-            tokens = seq.pending_tokens[: self.config.prefill_chunk]
-            inputs.append(
-                SeqInput(seq.seq_id, seq.fed, tokens=np.asarray(tokens, dtype=np.int64))
+    def _inputs(self, batch: list[_Sequence]) -> list[SeqInput]:
+        return [
+            SeqInput(
+                seq.seq_id,
+                seq.fed,
+                tokens=np.asarray(seq.pending_tokens[: self.config.prefill_chunk], np.int64),
             )
-        started = time.perf_counter()
+            for seq in batch
+        ]
+
+    def _pick(self, seq: _Sequence, inp: SeqInput) -> Pick | None:
+        if inp.length < len(seq.pending_tokens):
+            return None  # a chunk of a long prompt: no token to choose yet
+        penalties = seq.params.presence_penalty or seq.params.frequency_penalty
+        return Pick(seq.params, seq.seed, len(seq.generated), dict(seq.counts) if penalties else {})
+
+    def _complete(
+        self,
+        batch: list[_Sequence],
+        inputs: list[SeqInput],
+        started: float,
+        future: cf.Future[list[int | None]],
+    ) -> None:
         try:
-            outputs = self.pipeline.forward(inputs)
+            tokens = future.result()
         except EdgemeshError as exc:
-            log.error("forward failed for %d sequences: %s", len(batch), exc)
+            log.error("a micro-batch of %d sequences failed: %s", len(batch), exc)
             for seq in batch:
+                seq.in_flight = False
                 self._finish(seq, "error", exc)
             return
+        except Exception as exc:
+            log.exception("a micro-batch of %d sequences failed", len(batch))
+            error = InferenceError(f"inference failed: {exc!r}")
+            for seq in batch:
+                seq.in_flight = False
+                self._finish(seq, "error", error)
+            return
         self.stats.record_step(len(batch), time.perf_counter() - started)
-        for seq, inp, logits in zip(batch, inputs, outputs, strict=True):
+        for seq, inp, token in zip(batch, inputs, tokens, strict=True):
+            seq.in_flight = False
             seq.fed += inp.length
-            if seq.cancelled or seq.pending_tokens:
-                continue  # cancelled, or still prefilling a long prompt
-            self._advance(seq, logits[-1])
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            elif token is not None:
+                self._advance(seq, token)
 
-    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
+    def _advance(self, seq: _Sequence, token: int) -> None:
         params = seq.params
-        token = sample(apply_penalties(logits, seq.counts, params), params, seq.rng)
         seq.generated.append(token)
         seq.counts[token] += 1
         self.stats.tokens += 1
@@ -295,8 +357,13 @@ class Engine:
         self._finish(seq, "stop")
         return True
 
-    def _finish(self, seq: _Sequence, reason: str, error: EdgemeshError | None = None) -> None:
-        with self._cond:
+    def _finish(
+        self, seq: _Sequence, reason: str, error: EdgemeshError | None = None, *, lock: bool = True
+    ) -> None:
+        if lock:
+            with self._cond:
+                self._active.pop(seq.seq_id, None)
+        else:
             self._active.pop(seq.seq_id, None)
         try:
             self.pipeline.release(seq.seq_id)

@@ -16,6 +16,7 @@ from edgemesh.engine import Engine, EngineConfig
 from edgemesh.errors import ConfigError
 from edgemesh.gateway.service import ModelService
 from edgemesh.models import ModelSource
+from edgemesh.pipeline import LocalPipeline
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
     if options.chat_template is not None:
         tokenizer.chat_template = Path(options.chat_template).read_text()
     elif not tokenizer.chat_template:
-        log.info("%s has no chat template; using the %s family's turn format",
-                 source.name, tokenizer.architecture)
+        log.info(
+            "%s has no chat template; using the %s family's turn format",
+            source.name,
+            tokenizer.architecture,
+        )
         tokenizer.chat_template = fallback_for(tokenizer.architecture)
     layers = gguf_layer_count(source.path)
     shard = ShardSpec(source.path, LayerRange(0, layers), layers, precision="int4")
@@ -66,7 +70,7 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
     )
     context = getattr(backend, "context_length", options.context_length)
     engine = Engine(
-        backend,
+        LocalPipeline([backend]),
         tokenizer,
         EngineConfig(
             context_length=context,
@@ -74,6 +78,10 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
             max_queue=options.max_queue,
         ),
     )
-    info = {"backend": backend_cls.name, "path": str(source.path), "layers": layers,
-            "stages": [{"box": "local", "layers": [0, layers], "backend": backend_cls.name}]}
+    info = {
+        "backend": backend_cls.name,
+        "path": str(source.path),
+        "layers": layers,
+        "stages": [{"box": "local", "layers": [0, layers], "backend": backend_cls.name}],
+    }
     return ModelService(name=source.name, engine=engine, tokenizer=tokenizer, info=info)

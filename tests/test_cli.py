@@ -53,7 +53,10 @@ def test_edgemesh_serve_answers_like_the_readme_says() -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgemesh.cli", "serve", "--port", str(port), "--threads", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -67,9 +70,16 @@ def test_edgemesh_serve_answers_like_the_readme_says() -> None:
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "edgemesh serve did not come up"
             time.sleep(0.25)
-        resp = httpx.post(url + "/v1/completions", timeout=60, json={
-            "model": "gemma-3-270m", "prompt": "The capital of France is", "max_tokens": 12,
-            "temperature": 0})
+        resp = httpx.post(
+            url + "/v1/completions",
+            timeout=60,
+            json={
+                "model": "gemma-3-270m",
+                "prompt": "The capital of France is",
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        )
         assert resp.status_code == 200
         assert "France" in resp.json()["choices"][0]["text"]
     finally:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from edgemesh.backends.base import SeqInput
+
 from edgemesh.errors import ContextOverflowError, OverloadedError
 from edgemesh.gateway.service import ModelService
 from edgemesh.local import LocalOptions, load_service
@@ -23,15 +23,17 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def service(default_gguf: Path) -> Iterator[ModelService]:
-    svc = load_service(ModelSource("gemma", default_gguf, "gguf"),
-                       LocalOptions(threads=2, context_length=512, max_sequences=4, max_queue=2))
+    svc = load_service(
+        ModelSource("gemma", default_gguf, "gguf"),
+        LocalOptions(threads=2, context_length=512, max_sequences=4, max_queue=2),
+    )
     yield svc
     svc.close()
 
 
 def _greedy_reference(service: ModelService, prompt: list[int], n: int) -> list[int]:
     """Plain greedy loop straight on the backend: the engine must match it."""
-    backend = service.engine.pipeline
+    backend = service.engine.pipeline.backends[0]
     out = backend.forward([SeqInput(999, 0, tokens=np.array(prompt))])
     ids, pos = [], len(prompt)
     for _ in range(n):
@@ -57,8 +59,10 @@ def test_greedy_generation_matches_a_plain_loop(service: ModelService) -> None:
 
 
 def test_concurrent_sequences_are_batched_and_each_is_correct(service: ModelService) -> None:
-    prompts = [service.tokenizer.encode(p) for p in
-               (PROMPT, "One, two, three,", "The opposite of hot is", "Water boils at")]
+    prompts = [
+        service.tokenizer.encode(p)
+        for p in (PROMPT, "One, two, three,", "The opposite of hot is", "Water boils at")
+    ]
     expected = [_greedy_reference(service, p, 10) for p in prompts]
     results: list[list[int]] = [[] for _ in prompts]
 
@@ -76,8 +80,7 @@ def test_concurrent_sequences_are_batched_and_each_is_correct(service: ModelServ
 
 def test_stop_string_ends_generation_and_is_not_emitted(service: ModelService) -> None:
     prompt = service.tokenizer.encode("One, two, three, four,")
-    _, text = _run(service, prompt, SamplingParams(max_tokens=30, temperature=0.0,
-                                                   stop=(" six",)))
+    _, text = _run(service, prompt, SamplingParams(max_tokens=30, temperature=0.0, stop=(" six",)))
     assert text.endswith("|stop") and "six" not in text and "five" in text
 
 
@@ -95,7 +98,7 @@ def test_cancel_frees_the_slot(service: ModelService) -> None:
     gen.cancel()
     for _event in it:
         pass
-    backend = service.engine.pipeline
+    backend = service.engine.pipeline.backends[0]
     assert service.engine.load == {"active": 0, "waiting": 0}
     assert not backend._slots  # the KV stream was released
 
@@ -107,8 +110,10 @@ def test_context_overflow_is_rejected(service: ModelService) -> None:
 
 def test_queue_limit_raises_overloaded(service: ModelService) -> None:
     prompt = service.tokenizer.encode(PROMPT)
-    gens = [service.engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0))
-            for _ in range(4)]  # fill the 4 active slots (admitted by the scheduler)
+    gens = [
+        service.engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0))
+        for _ in range(4)
+    ]  # fill the 4 active slots (admitted by the scheduler)
     try:
         with pytest.raises(OverloadedError):
             for _ in range(10):

@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def gateway_url(default_gguf: Path) -> Iterator[str]:
     from tests.conftest import LiveServer
 
-    service = load_service(ModelSource("gemma-3-270m", default_gguf, "gguf"),
-                           LocalOptions(threads=2, context_length=512, max_sequences=2))
+    service = load_service(
+        ModelSource("gemma-3-270m", default_gguf, "gguf"),
+        LocalOptions(threads=2, context_length=512, max_sequences=2),
+    )
     try:
         with LiveServer(create_app([service])) as live:
             yield live.url + "/v1"
@@ -43,6 +45,7 @@ def test_readme_curl_example_works(gateway_url: str) -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- curl-example -->", 1)[1].split("```bash", 1)[1].split("```")[0]
     command = block.strip().replace("http://127.0.0.1:8000/v1", gateway_url)
-    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
-                         check=True)
+    out = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=120, check=True
+    )
     assert '"text_completion"' in out.stdout and '"choices"' in out.stdout

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.llamacpp
 
 @pytest.fixture(scope="module")
 def service(default_gguf: Path) -> Iterator[ModelService]:
-    svc = load_service(ModelSource("gemma-3-270m", default_gguf, "gguf"),
-                       LocalOptions(threads=2, context_length=256, max_sequences=2, max_queue=1))
+    svc = load_service(
+        ModelSource("gemma-3-270m", default_gguf, "gguf"),
+        LocalOptions(threads=2, context_length=256, max_sequences=2, max_queue=1),
+    )
     yield svc
     svc.close()
 
@@ -48,16 +50,21 @@ def test_models_and_health(client: openai.OpenAI, server: str) -> None:
 
 
 def test_completion(client: openai.OpenAI) -> None:
-    out = client.completions.create(model="gemma-3-270m", prompt="The capital of France is",
-                                    max_tokens=8, temperature=0)
+    out = client.completions.create(
+        model="gemma-3-270m", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert "France" in out.choices[0].text or "Paris" in out.choices[0].text
     assert out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens == 6
 
 
 def test_streamed_completion_equals_the_plain_one(client: openai.OpenAI) -> None:
-    kwargs = {"model": "gemma-3-270m", "prompt": "Once upon a time", "max_tokens": 16,
-              "temperature": 0}
+    kwargs = {
+        "model": "gemma-3-270m",
+        "prompt": "Once upon a time",
+        "max_tokens": 16,
+        "temperature": 0,
+    }
     plain = client.completions.create(**kwargs).choices[0].text
     chunks = list(client.completions.create(stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in chunks) == plain
@@ -66,14 +73,20 @@ def test_streamed_completion_equals_the_plain_one(client: openai.OpenAI) -> None
 
 def test_chat_completion_plain_and_streamed(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
-    plain = client.chat.completions.create(model="gemma-3-270m", messages=messages,
-                                           max_tokens=24, temperature=0)
+    plain = client.chat.completions.create(
+        model="gemma-3-270m", messages=messages, max_tokens=24, temperature=0
+    )
     text = plain.choices[0].message.content
     assert plain.choices[0].message.role == "assistant"
     assert len(text.split()) >= 3  # real words from the model, not an empty echo
-    stream = client.chat.completions.create(model="gemma-3-270m", messages=messages,
-                                            max_tokens=24, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="gemma-3-270m",
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -83,8 +96,9 @@ def test_chat_completion_plain_and_streamed(client: openai.OpenAI) -> None:
 
 def _post(server: str, path: str, body: object, **kw: object) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server + path, content=data,
-                      headers={"content-type": "application/json"}, timeout=30, **kw)
+    return httpx.post(
+        server + path, content=data, headers={"content-type": "application/json"}, timeout=30, **kw
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,13 +114,13 @@ def _post(server: str, path: str, body: object, **kw: object) -> httpx.Response:
         ({"model": "gemma-3-270m", "prompt": "hi", "temperature": 9}, 400, "temperature"),
         ({"model": "gemma-3-270m", "prompt": "word " * 400}, 400, "prompt"),
         ({"model": "gemma-3-270m", "prompt": [1, 999_999_999]}, 400, "prompt"),
-        ({"model": "gemma-3-270m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400,
-         "stop"),
+        ({"model": "gemma-3-270m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": "gemma-3-270m"}, 400, "prompt"),
     ],
 )
-def test_bad_completion_requests_get_openai_errors(server: str, body: object, status: int,
-                                                   param: str | None) -> None:
+def test_bad_completion_requests_get_openai_errors(
+    server: str, body: object, status: int, param: str | None
+) -> None:
     resp = _post(server, "/v1/completions", body)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
@@ -119,11 +133,12 @@ def test_bad_completion_requests_get_openai_errors(server: str, body: object, st
     ("body", "param"),
     [
         ({"model": "gemma-3-270m", "messages": []}, "messages"),
-        ({"model": "gemma-3-270m", "messages": [{"role": "wizard", "content": "x"}]},
-         "messages.0.role"),
+        (
+            {"model": "gemma-3-270m", "messages": [{"role": "wizard", "content": "x"}]},
+            "messages.0.role",
+        ),
         ({"model": "gemma-3-270m", "messages": "hello"}, "messages"),
-        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "n": 2},
-         "n"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
     ],
 )
 def test_bad_chat_requests_get_openai_errors(server: str, body: object, param: str) -> None:
@@ -132,10 +147,14 @@ def test_bad_chat_requests_get_openai_errors(server: str, body: object, param: s
     assert resp.json()["error"]["param"] == param
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(server: str,
-                                                     service: ModelService) -> None:
-    body = {"model": "gemma-3-270m", "prompt": "Count: 1, 2,", "max_tokens": 200,
-            "stream": True, "temperature": 0}
+def test_client_disconnect_mid_stream_frees_the_slot(server: str, service: ModelService) -> None:
+    body = {
+        "model": "gemma-3-270m",
+        "prompt": "Count: 1, 2,",
+        "max_tokens": 200,
+        "stream": True,
+        "temperature": 0,
+    }
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as resp:
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
@@ -144,21 +163,23 @@ def test_client_disconnect_mid_stream_frees_the_slot(server: str,
     while service.engine.load["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert service.engine.load == {"active": 0, "waiting": 0}
-    assert not service.engine.pipeline._slots
+    assert not service.engine.pipeline.backends[0]._slots
 
 
 def test_overload_gets_429_with_retry_after(default_gguf: Path) -> None:
     from tests.conftest import LiveServer
 
     # One decode slot and no queue: a second request while one streams must bounce.
-    single = load_service(ModelSource("m", default_gguf, "gguf"),
-                          LocalOptions(threads=2, context_length=256, max_sequences=1,
-                                       max_queue=0))
+    single = load_service(
+        ModelSource("m", default_gguf, "gguf"),
+        LocalOptions(threads=2, context_length=256, max_sequences=1, max_queue=0),
+    )
     body = {"model": "m", "prompt": "Count: 1, 2,", "max_tokens": 200, "stream": True}
     try:
-        with LiveServer(create_app([single])) as live, httpx.stream(
-            "POST", live.url + "/v1/completions", json=body, timeout=30
-        ) as first:
+        with (
+            LiveServer(create_app([single])) as live,
+            httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as first,
+        ):
             lines = first.iter_lines()  # keep a reference: dropping it closes the stream
             assert next(lines).startswith("data: ")
             second = _post(live.url, "/v1/completions", {**body, "stream": False})

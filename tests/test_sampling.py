@@ -42,8 +42,7 @@ def test_top_p_matches_the_nucleus_by_brute_force(top_p: float) -> None:
     keep = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1
     nucleus = set(order[:keep].tolist())
     rng = np.random.default_rng(2)
-    draws = {sample(logits, SamplingParams(temperature=1.0, top_p=top_p), rng)
-             for _ in range(400)}
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_p=top_p), rng) for _ in range(400)}
     assert draws <= nucleus
     if keep > 1:
         assert len(draws) > 1
@@ -58,14 +57,23 @@ def test_sampling_follows_the_distribution() -> None:
 
 def test_penalties_lower_seen_tokens() -> None:
     logits = np.zeros(10, dtype=np.float32)
-    out = apply_penalties(logits, {3: 2, 5: 1},
-                          SamplingParams(presence_penalty=0.5, frequency_penalty=1.0))
+    out = apply_penalties(
+        logits, {3: 2, 5: 1}, SamplingParams(presence_penalty=0.5, frequency_penalty=1.0)
+    )
     assert out[3] == pytest.approx(-2.5) and out[5] == pytest.approx(-1.5) and out[0] == 0
     assert logits[3] == 0  # the caller's array is untouched
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": 2.5}, {"top_p": 0.0}, {"max_tokens": 0},
-                                    {"top_k": -1}, {"presence_penalty": 3.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 2.5},
+        {"top_p": 0.0},
+        {"max_tokens": 0},
+        {"top_k": -1},
+        {"presence_penalty": 3.0},
+    ],
+)
 def test_bad_parameters_raise_request_errors(kwargs: dict) -> None:
     with pytest.raises(RequestError):
         SamplingParams(**kwargs)

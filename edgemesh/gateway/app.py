@@ -42,20 +42,35 @@ def create_app(services: Sequence[ModelService], *, api_keys: Sequence[str] = ()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(app.state.services),
-                "uptime_s": round(time.time() - app.state.started, 1)}
+        return {
+            "status": "ok",
+            "models": list(app.state.services),
+            "uptime_s": round(time.time() - app.state.started, 1),
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": s.name, "object": "model", "created": s.created, "owned_by": "edgemesh",
-             "context_length": s.context_length, **({"edgemesh": s.info} if s.info else {})}
-            for s in app.state.services.values()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": s.name,
+                    "object": "model",
+                    "created": s.created,
+                    "owned_by": "edgemesh",
+                    "context_length": s.context_length,
+                    **({"edgemesh": s.info} if s.info else {}),
+                }
+                for s in app.state.services.values()
+            ],
+        }
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
-        return {name: {"load": s.engine.load, **s.engine.stats.to_dict(), "info": s.info}
-                for name, s in app.state.services.items()}
+        return {
+            name: {"load": s.engine.load, **s.engine.stats.to_dict(), "info": s.info}
+            for name, s in app.state.services.items()
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -79,8 +94,13 @@ def create_app(services: Sequence[ModelService], *, api_keys: Sequence[str] = ()
         for m in messages:
             m.setdefault("content", "")
         ids = service.tokenizer.encode_chat(messages)
-        gen = _submit(service, ids, body, default_max=service.default_max_tokens,
-                      max_tokens=body.requested_max_tokens)
+        gen = _submit(
+            service,
+            ids,
+            body,
+            default_max=service.default_max_tokens,
+            max_tokens=body.requested_max_tokens,
+        )
         return await _respond(request, service, gen, body, chat=True)
 
     return app
@@ -97,10 +117,10 @@ class _ApiKeys(BaseHTTPMiddleware):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k)
-                                                 for k in self._keys):
-            return errors.error_response("invalid or missing API key (Authorization: Bearer)",
-                                         401, code="invalid_api_key")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self._keys):
+            return errors.error_response(
+                "invalid or missing API key (Authorization: Bearer)", 401, code="invalid_api_key"
+            )
         return await call_next(request)
 
 
@@ -132,31 +152,49 @@ def _check_ids(ids: list[int], service: ModelService) -> None:
         raise RequestError(f"token ids must be in [0, {vocab})", param="prompt")
 
 
-def _submit(service: ModelService, ids: list[int], body: _Request, *, default_max: int,
-            max_tokens: int | None = None) -> Generation:
+def _submit(
+    service: ModelService,
+    ids: list[int],
+    body: _Request,
+    *,
+    default_max: int,
+    max_tokens: int | None = None,
+) -> Generation:
     requested = max_tokens if max_tokens is not None else body.max_tokens
     room = service.context_length - len(ids)
     if room <= 0:
         raise ContextOverflowError(
             f"the prompt has {len(ids)} tokens but this model's context is "
-            f"{service.context_length} tokens", param="messages" if hasattr(body, "messages")
-            else "prompt", code="context_length_exceeded")
+            f"{service.context_length} tokens",
+            param="messages" if hasattr(body, "messages") else "prompt",
+            code="context_length_exceeded",
+        )
     limit = requested if requested is not None else min(default_max, room)
     params = SamplingParams(
-        max_tokens=limit, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        seed=body.seed, stop=body.stop_list, ignore_eos=body.ignore_eos)
+        max_tokens=limit,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=body.stop_list,
+        ignore_eos=body.ignore_eos,
+    )
     return service.engine.submit(ids, params)
 
 
-async def _respond(request: Request, service: ModelService, gen: Generation, body: _Request,
-                   *, chat: bool) -> Response:
+async def _respond(
+    request: Request, service: ModelService, gen: Generation, body: _Request, *, chat: bool
+) -> Response:
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
         return StreamingResponse(
             _sse(gen, service.name, ident, created, chat=chat, usage=body.include_usage),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     text: list[str] = []
     reason = "stop"
     try:
@@ -174,33 +212,49 @@ async def _respond(request: Request, service: ModelService, gen: Generation, bod
         choice["message"] = {"role": "assistant", "content": content}
     else:
         choice["text"] = content
-    return JSONResponse({
-        "id": ident, "object": "chat.completion" if chat else "text_completion",
-        "created": created, "model": service.name, "choices": [choice],
-        "usage": _usage(gen)})
+    return JSONResponse(
+        {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": service.name,
+            "choices": [choice],
+            "usage": _usage(gen),
+        }
+    )
 
 
 def _usage(gen: Generation) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }
 
 
-async def _sse(gen: Generation, model: str, ident: str, created: int, *, chat: bool,
-               usage: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    gen: Generation, model: str, ident: str, created: int, *, chat: bool, usage: bool
+) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(event: Event | None, *, first: bool = False) -> bytes:
         reason = event.finish_reason if event else None
         text = event.text if event else ""
         if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
-                {"content": text} if text else {})
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason,
-                                      "logprobs": None}
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""}
+                if first
+                else ({"content": text} if text else {})
+            )
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": reason,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        data = {"id": ident, "object": obj, "created": created, "model": model,
-                "choices": [choice]}
+        data = {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
         return _event(data)
 
     try:
@@ -208,14 +262,23 @@ async def _sse(gen: Generation, model: str, ident: str, created: int, *, chat: b
             yield chunk(None, first=True)
         async for event in gen.events():
             if event.error is not None:
-                yield _event(errors.error_body(str(event.error), 503,
-                                               code=type(event.error).__name__))
+                yield _event(
+                    errors.error_body(str(event.error), 503, code=type(event.error).__name__)
+                )
                 break
             if event.text or event.finish_reason:
                 yield chunk(event)
         if usage:
-            yield _event({"id": ident, "object": obj, "created": created, "model": model,
-                          "choices": [], "usage": _usage(gen)})
+            yield _event(
+                {
+                    "id": ident,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(gen),
+                }
+            )
         yield b"data: [DONE]\n\n"
     finally:
         # Runs on client disconnect too (the task is cancelled): frees the KV cache.

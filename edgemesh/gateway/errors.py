@@ -16,20 +16,40 @@ from edgemesh.errors import EdgemeshError, OverloadedError, RequestError
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    500: "server_error",
+}
 
 
-def error_body(message: str, status: int, *, param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+def error_body(
+    message: str, status: int, *, param: str | None = None, code: str | None = None
+) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def error_response(message: str, status: int, *, param: str | None = None,
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param=param, code=code), status,
-                        headers=headers)
+def error_response(
+    message: str,
+    status: int,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, status, param=param, code=code), status, headers=headers
+    )
 
 
 # Pydantic puts the tried union member in the location ("prompt.str"); clients
@@ -41,14 +61,19 @@ def validation_response(exc: ValidationError | RequestValidationError) -> JSONRe
     first = exc.errors()[0]
     parts = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(p for p in parts if not _TYPE_TAG.match(p)) or None
-    return error_response(f"{param or 'body'}: {first.get('msg')}", 400, param=param,
-                          code="invalid_value")
+    return error_response(
+        f"{param or 'body'}: {first.get('msg')}", 400, param=param, code="invalid_value"
+    )
 
 
 def edgemesh_response(exc: EdgemeshError) -> JSONResponse:
     if isinstance(exc, OverloadedError):
-        return error_response(str(exc), 429, code=exc.code,
-                              headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+        return error_response(
+            str(exc),
+            429,
+            code=exc.code,
+            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+        )
     if isinstance(exc, RequestError):
         return error_response(str(exc), exc.status, param=exc.param, code=exc.code)
     log.error("request failed: %s", exc)
@@ -66,8 +91,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_response(f"the request body is not valid JSON: {exc}", 400,
-                              code="invalid_json")
+        return error_response(
+            f"the request body is not valid JSON: {exc}", 400, code="invalid_json"
+        )
 
     @app.exception_handler(EdgemeshError)
     async def _edgemesh(_: Request, exc: EdgemeshError) -> JSONResponse:
