@@ -9,8 +9,10 @@ import typer
 
 from edgemesh.cli._common import print_json, user_errors
 
-app = typer.Typer(help="Benchmarks: print ratios against a reference measured in the same run.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks: print ratios against a reference measured in the same run.",
+    no_args_is_help=True,
+)
 
 
 @app.command("single")
@@ -26,8 +28,9 @@ def single(
     from edgemesh.bench import single as bench_single
 
     with user_errors():
-        result = bench_single.run(model=model, tokens=tokens, threads=threads,
-                                  repeats=repeats, out=out)
+        result = bench_single.run(
+            model=model, tokens=tokens, threads=threads, repeats=repeats, out=out
+        )
     if json_out:
         print_json(result)
     else:

@@ -13,20 +13,29 @@ from edgemesh.cli._common import user_errors
 
 
 def command(
-    model: Annotated[str | None, typer.Option(
-        help="A .gguf file or converted package folder; default: gemma-3-270m.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="A .gguf file or converted package folder; default: gemma-3-270m."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[list[str] | None, typer.Option(
-        "--api-key", envvar="EDGEMESH_API_KEY",
-        help="Require 'Authorization: Bearer KEY' (repeatable).")] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            envvar="EDGEMESH_API_KEY",
+            help="Require 'Authorization: Bearer KEY' (repeatable).",
+        ),
+    ] = None,
     context: Annotated[int, typer.Option(help="Context length per sequence.")] = 4096,
     max_sequences: Annotated[int, typer.Option(help="Sequences decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 32,
-    threads: Annotated[int | None, typer.Option(
-        help="CPU threads; default: the box's effective cores.")] = None,
-    chat_template: Annotated[Path | None, typer.Option(
-        help="Jinja chat template file overriding the model's.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads; default: the box's effective cores.")
+    ] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Jinja chat template file overriding the model's.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
     """Serve a model from this box alone (OpenAI API: /v1/completions, /v1/chat/completions)."""
@@ -39,12 +48,22 @@ def command(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     with user_errors():
         source = models.resolve(model)
-        service = load_service(source, LocalOptions(
-            threads=threads or _default_threads(), context_length=context,
-            max_sequences=max_sequences, max_queue=max_queue, chat_template=chat_template))
+        service = load_service(
+            source,
+            LocalOptions(
+                threads=threads or _default_threads(),
+                context_length=context,
+                max_sequences=max_sequences,
+                max_queue=max_queue,
+                chat_template=chat_template,
+            ),
+        )
     app = create_app([service], api_keys=api_key or ())
-    typer.echo(f"serving '{service.name}' on http://{host}:{port}/v1 "
-               f"({service.info.get('backend')}, context {service.context_length})", err=True)
+    typer.echo(
+        f"serving '{service.name}' on http://{host}:{port}/v1 "
+        f"({service.info.get('backend')}, context {service.context_length})",
+        err=True,
+    )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
     finally:
