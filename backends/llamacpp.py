@@ -11,6 +11,7 @@ This module is the only place edgemesh imports ``llama_cpp``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -69,10 +70,37 @@ def check_gguf(path: Path) -> Path:
     return path
 
 
-def _load_model(path: Path, *, vocab_only: bool) -> tuple[Any, Any]:
-    llama = _lib()
+@functools.cache
+def extra_buffers_safe() -> bool:
+    """Whether llama.cpp's extra CPU buffer types (AMX, weight repacking) may be used.
+
+    On CPUs with AMX, llama.cpp 0.3.x builds with -march=native compile its AMX
+    kernels, which die with SIGILL on ``tilezero`` in worker threads (their tile
+    configuration is not loaded there; see ggml-org/llama.cpp PR 26954). Until
+    that lands, AMX boxes run without the extra buffer types.
+    """
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "amx_tile" not in line.split()
+    except OSError:
+        pass
+    return True
+
+
+def model_params(llama: Any) -> Any:
+    """llama.cpp model parameters for a CPU load that is safe on this CPU."""
     params = llama.llama_model_default_params()
     params.n_gpu_layers = 0
+    if hasattr(params, "use_extra_bufts"):
+        params.use_extra_bufts = extra_buffers_safe()
+    return params
+
+
+def _load_model(path: Path, *, vocab_only: bool) -> tuple[Any, Any]:
+    llama = _lib()
+    params = model_params(llama)
     params.vocab_only = vocab_only
     model = llama.llama_model_load_from_file(str(path).encode(), params)
     if not model:
@@ -180,6 +208,9 @@ class LlamaCppBackend(Backend):
                 if item.tokens is None:
                     raise InferenceError("llama.cpp takes token ids, not hidden states")
                 slot = self._slot(item.seq_id)
+                # A replay (start_pos below what is cached) drops the tail first,
+                # as the other backends do; a no-op when nothing lies beyond.
+                self._llama.llama_memory_seq_rm(self._memory, slot, item.start_pos, -1)
                 n = item.length
                 for j, tok in enumerate(item.tokens.tolist()):
                     want = item.logits == "all" or j == n - 1

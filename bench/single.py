@@ -128,8 +128,22 @@ def _timed(stream: Any) -> tuple[float, float, int]:
 
 
 def _llamacpp_direct(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, Any]:
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    from edgemesh.backends.llamacpp import extra_buffers_safe
+
+    # Llama() takes its model parameters from llama_model_default_params(); give
+    # it the CPU-safe choice edgemesh's backend loads with (see
+    # extra_buffers_safe), so both sides run the same kernels.
+    default_params = lib.llama_model_default_params
+
+    def safe_params() -> Any:
+        params = default_params()
+        params.use_extra_bufts = extra_buffers_safe()
+        return params
+
+    lib.llama_model_default_params = safe_params
     llm = Llama(
         str(model),
         n_ctx=2048,

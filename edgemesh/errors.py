@@ -20,7 +20,8 @@
     │   └── BoxLostError            a box vanished mid-generation
     └── RequestError                a client request that cannot be served
         ├── ContextOverflowError    prompt + max_tokens exceed the context
-        └── OverloadedError         the queue is full; retry later
+        ├── OverloadedError         the queue is full; retry later
+        └── ModelUnavailableError   no boxes left that can hold the model (503)
 
 Third-party exceptions are translated at the boundary with
 ``raise ... from exc`` so the cause is never hidden.
@@ -153,3 +154,14 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingExtraError(module, extra) from exc
+
+
+class ModelUnavailableError(RequestError):
+    """The model cannot be served right now (e.g. the remaining boxes of the
+    mesh cannot hold it after a box was lost); HTTP 503."""
+
+    status = 503
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, code="model_unavailable")
+        self.hint = hint

@@ -200,3 +200,32 @@ def test_api_keys_are_enforced(service: ModelService) -> None:
         assert httpx.get(live.url + "/health").status_code == 200
         good = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data[0].id == "gemma-3-270m"
+
+
+def test_dashboard_shows_this_box_the_shard_map_and_live_counters(
+    server: str, client: openai.OpenAI
+) -> None:
+    import platform
+
+    page = httpx.get(server + "/dashboard")
+    assert page.status_code == 200 and "dashboard/state" in page.text
+    before = httpx.get(server + "/dashboard/state").json()
+    (box,) = before["boxes"]
+    assert box["summary"]["arch"] == platform.machine() and box["health"] == "ok"
+    (model,) = before["models"]
+    assert model["name"] == "gemma-3-270m"
+    assert model["info"]["stages"][0]["layers"] == [0, model["info"]["layers"]]
+    client.completions.create(model="gemma-3-270m", prompt="Hello", max_tokens=5, temperature=0)
+    after = httpx.get(server + "/dashboard/state").json()
+    assert after["models"][0]["stats"]["tokens"] >= model["stats"]["tokens"] + 5
+    assert after["time"] > before["time"]
+
+
+def test_dashboard_state_needs_the_api_key(service: ModelService) -> None:
+    from tests.conftest import LiveServer
+
+    with LiveServer(create_app([service], api_keys=["s3cret"])) as live:
+        assert httpx.get(live.url + "/dashboard").status_code == 200
+        assert httpx.get(live.url + "/dashboard/state").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(live.url + "/dashboard/state", headers=auth).status_code == 200

@@ -1,5 +1,78 @@
-"""`edgemesh deploy`: filled by its issue."""
+"""`edgemesh deploy MODEL_DIR`: plan, place and serve a converted model on the mesh."""
 
-from edgemesh.cli._common import not_yet
+from __future__ import annotations
 
-command = not_yet("deploy")
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgemesh.cli._common import print_json, user_errors
+from edgemesh.cli.join import SecretOpt, StateOpt
+
+
+def command(
+    model_dir: Annotated[Path, typer.Argument(help="A package folder made by `edgemesh convert`.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Model name in the API; default: the package's.")
+    ] = None,
+    mesh: Annotated[
+        str | None,
+        typer.Option(
+            "--mesh", help="Mesh name; default: this box's saved settings, else 'default'."
+        ),
+    ] = None,
+    secret_file: SecretOpt = None,
+    state_dir: StateOpt = None,
+    boxes: Annotated[
+        Path | None,
+        typer.Option(
+            "--boxes", help="Box profiles (as for `edgemesh plan`) instead of measuring each box."
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port of the mesh gateway on the head.")] = 8000,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Split MODEL_DIR over the mesh's boxes and serve it from the head (OpenAI API)."""
+    from edgemesh.mesh import connect
+    from edgemesh.mesh.config import default_state_dir, load_settings
+    from edgemesh.router.deploy import deploy
+
+    with user_errors():
+        folder = (state_dir or default_state_dir(mesh or "default")).expanduser()
+        saved = load_settings(folder)
+        if secret_file is not None and saved is not None and saved.secret_file is not None:
+            # The agent holds the Ray token derived from its secret; a different
+            # secret file here means another mesh than the agent's.
+            if Path(secret_file).resolve() != Path(saved.secret_file).resolve():
+                from edgemesh.errors import AuthError
+
+                raise AuthError(
+                    f"--secret-file {secret_file} is not the secret this box joined with",
+                    hint=f"use {saved.secret_file} or re-run `edgemesh join`",
+                )
+        conn = connect(folder, mesh=mesh, logging_level="warning")
+        profiles = links = None
+        if boxes is not None:
+            doc = json.loads(boxes.read_text())
+            profiles = doc["boxes"] if isinstance(doc, dict) else doc
+            links = doc.get("links") if isinstance(doc, dict) else None
+        record = deploy(
+            model_dir,
+            name=name,
+            here=conn.box_id,
+            profiles=profiles,
+            links=links,
+            port=port,
+            state_dir=folder,
+        )
+    if json_out:
+        print_json({k: v for k, v in record.items() if k not in ("manifest", "profiles")})
+        return
+    typer.echo(f"deployed '{record['name']}' — gateway {record['gateway']}")
+    for st in record["stages"]:
+        typer.echo(
+            f"  {st['box']:<16} layers [{st['layers'][0]}, {st['layers'][1]})  "
+            f"{st['backend']}/{st['precision']}"
+        )

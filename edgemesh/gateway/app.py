@@ -23,7 +23,7 @@ from starlette.responses import Response
 from edgemesh import __version__
 from edgemesh.engine import Event, Generation
 from edgemesh.errors import ContextOverflowError, RequestError
-from edgemesh.gateway import errors
+from edgemesh.gateway import dashboard, errors
 from edgemesh.gateway.schemas import ChatRequest, CompletionRequest, _Request
 from edgemesh.gateway.service import ModelService
 from edgemesh.sampling import SamplingParams
@@ -31,12 +31,20 @@ from edgemesh.sampling import SamplingParams
 _OPEN_PATHS = {"/health", "/", "/dashboard"}
 
 
-def create_app(services: Sequence[ModelService], *, api_keys: Sequence[str] = ()) -> FastAPI:
-    """Build the gateway for ``services``; ``api_keys`` empty = no auth."""
+def create_app(
+    services: Sequence[ModelService],
+    *,
+    api_keys: Sequence[str] = (),
+    boxes: dashboard.BoxesProvider | None = None,
+) -> FastAPI:
+    """Build the gateway for ``services``; ``api_keys`` empty = no auth.
+
+    ``boxes`` lists the mesh's boxes for the dashboard (default: this box)."""
     app = FastAPI(title="edgemesh", version=__version__, docs_url=None, redoc_url=None)
     app.state.services = {s.name: s for s in services}
     app.state.started = time.time()
     errors.install(app)
+    dashboard.install(app, boxes)
     if api_keys:
         app.add_middleware(_ApiKeys, keys=tuple(api_keys))
 

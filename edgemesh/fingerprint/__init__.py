@@ -1,0 +1,123 @@
+"""The device fingerprint: what a box is, read from the files it exposes.
+
+``collect()`` reads ``/proc`` and ``/sys`` (under ``sysroot`` when given:
+then *everything*, the architecture included, comes from the snapshot) and
+returns a ``Fingerprint``: CPU and its cgroup-capped cores, RAM and its
+cgroup-capped limit, board, accelerators, the backends the hardware calls
+for (best first), which of them are installed, and the default weight
+precision (rule in ``edgemesh.fingerprint.policy``). With ``measure=True``
+it adds measured matmul and memory figures (cached) and the planner's
+``profile``. Only Linux boxes are supported; nothing heavy is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+from pathlib import Path
+
+from edgemesh.errors import ConfigError
+from edgemesh.fingerprint.accelerators import read_accelerators
+from edgemesh.fingerprint.board import compatible, read_board
+from edgemesh.fingerprint.cgroup import read_cgroup
+from edgemesh.fingerprint.cpu import read_cpu
+from edgemesh.fingerprint.memory import read_memory
+from edgemesh.fingerprint.model import (
+    Accelerator,
+    CgroupInfo,
+    CpuInfo,
+    Fingerprint,
+    MatmulFigure,
+    Measurement,
+    MemoryInfo,
+)
+from edgemesh.fingerprint.policy import backends_for, default_precision, installed
+from edgemesh.fingerprint.sysroot import Sysroot
+
+__all__ = [
+    "Accelerator",
+    "CgroupInfo",
+    "CpuInfo",
+    "Fingerprint",
+    "MatmulFigure",
+    "Measurement",
+    "MemoryInfo",
+    "collect",
+    "default_box_id",
+]
+
+
+def _hostname(root: Sysroot) -> str:
+    for path in ("/proc/sys/kernel/hostname", "/etc/hostname"):
+        name = root.read_strip(path)
+        if name:
+            return name.splitlines()[0].strip()
+    return socket.gethostname() if root.is_live else "box"
+
+
+def default_box_id(hostname: str, machine_id: str | None) -> str:
+    """``<hostname>-<6 hex of sha256(machine-id)>``: readable, and distinct
+    for two boxes that kept the same image's hostname."""
+    base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-") or "box"
+    if not machine_id:
+        return base
+    return f"{base}-{hashlib.sha256(machine_id.encode()).hexdigest()[:6]}"
+
+
+def collect(
+    sysroot: Path = Path("/"),
+    *,
+    measure: bool = False,
+    box_id: str | None = None,
+    cache_dir: Path | None = None,
+) -> Fingerprint:
+    """Fingerprint the box whose files are under ``sysroot``.
+
+    ``box_id`` overrides the hostname-based id. ``measure`` runs (or reads
+    from ``cache_dir``) the benchmarks of ``edgemesh.fingerprint.measure``;
+    it needs the live box, so it raises ConfigError with another sysroot.
+    Raises FingerprintError when ``/proc/cpuinfo`` or ``/proc/meminfo``
+    cannot be read.
+    """
+    root = Sysroot(sysroot)
+    if measure and not root.is_live:
+        raise ConfigError(
+            f"--measure runs benchmarks on this machine, not on the snapshot '{sysroot}'",
+            hint="drop --sysroot or --measure",
+        )
+    facts = read_cpu(root)
+    cgroup = read_cgroup(root)
+    memory = read_memory(root, cgroup)
+
+    cores = float(facts.cores_online)
+    if cgroup.cpuset_cores is not None:
+        cores = min(cores, float(cgroup.cpuset_cores))
+    if cgroup.cpu_quota_cores is not None:
+        cores = min(cores, cgroup.cpu_quota_cores)
+    cpu = CpuInfo(facts.model, facts.vendor, facts.cores_online, round(cores, 3), facts.features)
+
+    compat = compatible(root)
+    accelerators = read_accelerators(root, compat)
+    backends = backends_for(facts.arch, facts.vendor, accelerators)
+    hostname = _hostname(root)
+    machine_id = root.read_strip("/etc/machine-id") or root.read_strip("/var/lib/dbus/machine-id")
+
+    found = Fingerprint(
+        id=box_id or default_box_id(hostname, machine_id),
+        hostname=hostname,
+        arch=facts.arch,
+        cpu=cpu,
+        memory=memory,
+        board=read_board(root, facts.machine),
+        accelerators=accelerators,
+        backends=backends,
+        installed=installed(backends),
+        precision=default_precision(accelerators, facts.features, memory.limit_bytes),
+        cgroup=cgroup,
+    )
+    if measure:
+        from edgemesh.fingerprint.measure import measure as run_measure
+
+        found.measurement = run_measure(cpu, memory.limit_bytes, found.installed, cache_dir)
+    return found

@@ -1,0 +1,140 @@
+"""Where the stages go: from a plan to stage specs, and again after a box is lost.
+
+A ``Placer`` answers two questions for the ``RayPipeline``: the stages to
+start with, and the stages to continue with when only ``alive`` boxes are
+left. ``PlanPlacer`` re-plans with ``edgemesh.sharding.replan`` (few moved
+layers); when nothing fits it raises ``ModelUnavailableError`` (HTTP 503)
+carrying the planner's numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from edgemesh.errors import ModelUnavailableError, PlanError
+from edgemesh.router.stage import StageSpec, wire_dtype
+
+log = logging.getLogger(__name__)
+
+
+class Placer(Protocol):
+    def initial(self) -> list[StageSpec]: ...
+
+    def after_loss(self, alive: set[str]) -> list[StageSpec]:
+        """Stages over the ``alive`` boxes; raises ``ModelUnavailableError``."""
+        ...
+
+
+def with_wires(specs: Sequence[StageSpec]) -> list[StageSpec]:
+    """Set each stage's outgoing wire dtype from its and the next stage's precision."""
+    out = list(specs)
+    for i, (a, b) in enumerate(itertools.pairwise(specs)):
+        out[i] = replace(a, wire=wire_dtype(a.precision, b.precision))
+    return out
+
+
+class StaticPlacer:
+    """Fixed stages (``--cuts``-style, tests, benchmarks): after a loss the
+    same stages restart if their boxes live, else the model is unavailable."""
+
+    def __init__(self, specs: Sequence[StageSpec]) -> None:
+        self.specs = with_wires(specs)
+
+    def initial(self) -> list[StageSpec]:
+        return list(self.specs)
+
+    def after_loss(self, alive: set[str]) -> list[StageSpec]:
+        gone = sorted({s.box for s in self.specs} - alive)
+        if gone:
+            raise ModelUnavailableError(
+                f"box(es) {', '.join(gone)} left and this deployment has fixed stages",
+                hint="deploy with a plan so the mesh can re-plan, or bring the box back",
+            )
+        return list(self.specs)
+
+
+class PlanPlacer:
+    """Stages from a planner ``Plan``; re-plans over the boxes still alive."""
+
+    def __init__(
+        self,
+        manifest: Any,
+        plan: Any,
+        profiles: Sequence[Any],
+        links: Sequence[Any] | None = None,
+        *,
+        package_dir: str = "",
+        stage_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.plan = plan
+        self.profiles = list(profiles)
+        self.links = list(links or [])
+        self.package_dir = package_dir
+        self.stage_defaults = dict(stage_defaults or {})
+
+    def specs(self, plan: Any) -> list[StageSpec]:
+        return with_wires(
+            [
+                StageSpec(
+                    index=i,
+                    box=st.box,
+                    start=st.layers.start,
+                    stop=st.layers.stop,
+                    num_layers=plan.num_layers,
+                    backend=st.backend,
+                    precision=st.precision,
+                    package_dir=self.package_dir,
+                    **self.stage_defaults,
+                )
+                for i, st in enumerate(plan.stages)
+            ]
+        )
+
+    def initial(self) -> list[StageSpec]:
+        return self.specs(self.plan)
+
+    def after_loss(self, alive: set[str]) -> list[StageSpec]:
+        if all(st.box in alive for st in self.plan.stages):
+            return self.specs(self.plan)
+        from edgemesh.sharding.replan import replan
+
+        left = [p for p in self.profiles if _box_id(p) in alive]
+        if not left:
+            raise ModelUnavailableError(
+                f"no box of the mesh is left to run '{self.manifest.name}'",
+                hint="bring a box back; the model will not be served until then",
+            )
+        ids = {_box_id(p) for p in left}
+        links = [ln for ln in self.links if _link_ends(ln) <= ids]
+        try:
+            plan = replan(self.plan, self.manifest, left, links)
+        except PlanError as exc:
+            raise ModelUnavailableError(
+                f"the remaining boxes ({', '.join(sorted(ids))}) cannot hold "
+                f"'{self.manifest.name}': {exc}",
+                hint="add a box with enough memory, or deploy a smaller precision",
+            ) from exc
+        log.info(
+            "re-planned '%s' over %s: %s (moved %s layers)",
+            self.manifest.name,
+            sorted(ids),
+            [(s.box, str(s.layers)) for s in plan.stages],
+            plan.moved_layers,
+        )
+        self.plan = plan
+        return self.specs(plan)
+
+
+def _box_id(profile: Any) -> str:
+    return profile["id"] if isinstance(profile, dict) else profile.id
+
+
+def _link_ends(link: Any) -> set[str]:
+    if isinstance(link, dict):
+        return {str(link.get("a")), str(link.get("b"))}
+    return {str(getattr(link, "a", "")), str(getattr(link, "b", ""))}

@@ -1,0 +1,355 @@
+"""``RayPipeline``: the engine's ``Pipeline`` over stage actors on the mesh's boxes.
+
+One ``StageWorker`` actor per stage, pinned to its box by the box's custom
+resource (``box:<id>``). A micro-batch is a chain of actor calls whose
+ObjectRefs are passed stage to stage, so hidden states go box to box and
+never back through the driver; the picks go straight to the last stage,
+which returns only token ids. ``depth`` is the number of stages: the engine
+keeps that many micro-batches in flight so every stage has work.
+
+The router remembers the tokens each live sequence has been fed through
+the whole pipeline. When a call fails because an actor or its box died,
+the pipeline stops launching, waits for the micro-batches in flight to
+settle, asks its ``Placer`` for stages over the boxes still alive (a
+re-plan), keeps the surviving stage actors whose work did not change,
+starts the rest, replays every live sequence's tokens to rebuild the KV
+caches, and re-runs the failed micro-batches. The engine sees a slow step,
+not an error; since a failed micro-batch's tokens were never delivered,
+none is lost or duplicated. If no placement fits, every waiting and future
+call fails with ``ModelUnavailableError`` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgemesh.backends.base import SeqInput
+from edgemesh.errors import (
+    EdgemeshError,
+    InferenceError,
+    ModelUnavailableError,
+    require,
+)
+from edgemesh.pipeline import Pick
+from edgemesh.router.placement import Placer
+from edgemesh.router.stage import Batch, StageSpec, StageWorker
+
+log = logging.getLogger(__name__)
+
+STAGE_CONCURRENCY = 8
+"""Concurrent calls a stage actor accepts, so waiting micro-batches can be merged."""
+
+
+@dataclass
+class _Job:
+    inputs: list[SeqInput]
+    picks: list[Pick | None]
+    future: cf.Future[list[int | None]]
+
+
+def _is_loss(ray: Any, exc: BaseException) -> bool:
+    """Did the call fail because a stage's process or box went away?"""
+    e = ray.exceptions
+    kinds = tuple(
+        getattr(e, n)
+        for n in (
+            "RayActorError",
+            "ActorUnavailableError",
+            "ObjectLostError",
+            "NodeDiedError",
+            "WorkerCrashedError",
+            "OwnerDiedError",
+            "GetTimeoutError",
+        )
+        if hasattr(e, n)
+    )
+    return isinstance(exc, kinds)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """A stage's own error (InferenceError, ...) out of Ray's task-error wrapper."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class RayPipeline:
+    """See the module docstring. Thread-safe; ``submit`` never blocks on Ray."""
+
+    def __init__(
+        self,
+        placer: Placer,
+        manifest_bytes: bytes,
+        *,
+        source: Any = None,
+        prefill_chunk: int = 256,
+        ready_timeout_s: float = 600.0,
+        settle_timeout_s: float = 60.0,
+        max_recoveries: int = 5,
+    ) -> None:
+        self._ray = require("ray", "mesh")
+        self.placer = placer
+        self.manifest_bytes = manifest_bytes
+        self.source = source
+        self.prefill_chunk = prefill_chunk
+        self.ready_timeout_s = ready_timeout_s
+        self.settle_timeout_s = settle_timeout_s
+        self.max_recoveries = max_recoveries
+        self._cond = threading.Condition()
+        self._history: dict[int, list[int]] = {}
+        self._retry: list[_Job] = []
+        self._inflight = 0
+        self._recovering = False
+        self._broken: EdgemeshError | None = None
+        self._closed = False
+        self.recoveries = 0
+        self.replayed_tokens = 0
+        self.last_recovery_s = 0.0
+        self.on_change: Callable[[list[dict[str, Any]]], None] | None = None
+        """Called with the new stage descriptions after a recovery (metrics)."""
+        specs = placer.initial()
+        self.depth = len(specs)
+        self._specs, self._actors, self.stage_info = self._start(specs, {})
+
+    # -- Pipeline protocol --------------------------------------------------
+
+    def submit(
+        self, inputs: Sequence[SeqInput], picks: Sequence[Pick | None]
+    ) -> cf.Future[list[int | None]]:
+        future: cf.Future[list[int | None]] = cf.Future()
+        job = _Job(list(inputs), list(picks), future)
+        with self._cond:
+            if self._broken is not None:
+                future.set_exception(self._broken)
+            elif self._closed:
+                future.set_exception(InferenceError("the pipeline is closed"))
+            elif self._recovering:
+                self._retry.append(job)  # runs once the stages are back
+            else:
+                self._launch(job)
+        return future
+
+    def release(self, seq_id: int) -> None:
+        with self._cond:
+            self._history.pop(seq_id, None)
+            actors = list(self._actors)
+        for actor in actors:  # fire and forget: a dead box has nothing to free
+            actor.release.remote([seq_id])
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            actors, self._actors = self._actors, []
+        self._kill(actors)
+
+    # -- what runs where ----------------------------------------------------
+
+    @property
+    def specs(self) -> list[StageSpec]:
+        return list(self._specs)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per stage: box, layers, backend, precision, host and pid (for metrics)."""
+        return [dict(info) for info in self.stage_info]
+
+    def stage_stats(self, timeout: float = 5.0) -> list[dict[str, int]]:
+        return self._ray.get([a.stats.remote() for a in self._actors], timeout=timeout)
+
+    # -- launching ----------------------------------------------------------
+
+    def _launch(self, job: _Job) -> None:
+        """Chain one micro-batch through the stages (caller holds the lock)."""
+        actors = self._actors
+        ref: Any = Batch.from_inputs(job.inputs)
+        for actor in actors[:-1]:
+            ref = actor.forward.remote(ref)
+        ref = actors[-1].forward.remote(ref, job.picks)
+        self._inflight += 1
+        ref.future().add_done_callback(lambda f: self._done(job, f))
+
+    def _done(self, job: _Job, f: cf.Future[Any]) -> None:
+        exc = f.exception()
+        retrying = False
+        with self._cond:
+            self._inflight -= 1
+            if exc is None:
+                self._record(job.inputs)
+            elif _is_loss(self._ray, exc) and not self._closed and self._broken is None:
+                log.warning("a stage was lost (%s); recovering", type(exc).__name__)
+                retrying = True
+                self._retry.append(job)
+                if not self._recovering:
+                    self._recovering = True
+                    threading.Thread(
+                        target=self._recover, name="edgemesh-recover", daemon=True
+                    ).start()
+            self._cond.notify_all()
+        if exc is None:
+            job.future.set_result(f.result())
+        elif not retrying:
+            cause = _unwrap(exc)
+            if not isinstance(cause, EdgemeshError):
+                cause = InferenceError(f"a pipeline stage failed: {cause!r}")
+                cause.__cause__ = exc
+            job.future.set_exception(cause)
+
+    def _record(self, inputs: list[SeqInput]) -> None:
+        for inp in inputs:
+            hist = self._history.get(inp.seq_id)
+            if hist is None:
+                if inp.start_pos:
+                    continue  # released while in flight
+                hist = self._history[inp.seq_id] = []
+            del hist[inp.start_pos :]
+            assert inp.tokens is not None
+            hist.extend(int(t) for t in inp.tokens)
+
+    # -- recovery -----------------------------------------------------------
+
+    def _recover(self) -> None:
+        t0 = time.monotonic()
+        attempts = 0
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.settle_timeout_s
+                while self._inflight and time.monotonic() < deadline:
+                    self._cond.wait(timeout=0.5)
+                history = {k: list(v) for k, v in self._history.items() if v}
+                old_specs, old_actors = list(self._specs), list(self._actors)
+            try:
+                alive = self._alive_boxes()
+                specs = self.placer.after_loss(alive)
+                keep = self._survivors(old_specs, old_actors, specs)
+                new_specs, actors, info = self._start(specs, keep)
+                self._kill([a for a in old_actors if all(a is not k for k in keep.values())])
+                self._replay(actors, history)
+            except EdgemeshError as exc:
+                if not isinstance(exc, ModelUnavailableError):
+                    exc = ModelUnavailableError(f"the model cannot be served: {exc}")
+                self._fail_all(exc)
+                return
+            except Exception as exc:
+                attempts += 1
+                if not _is_loss(self._ray, exc) or attempts > self.max_recoveries:
+                    self._fail_all(
+                        ModelUnavailableError(f"recovering the pipeline failed: {exc!r}")
+                    )
+                    return
+                log.warning("lost another stage while recovering (%r); retrying", exc)
+                continue
+            with self._cond:
+                self._specs, self._actors, self.stage_info = new_specs, actors, info
+                self._recovering = False
+                self.recoveries += 1
+                self.last_recovery_s = time.monotonic() - t0
+                retry, self._retry = self._retry, []
+                for job in retry:
+                    self._launch(job)
+            if self.on_change is not None:
+                self.on_change(self.describe())
+            log.warning(
+                "pipeline recovered in %.1f s: %d sequences replayed, %d micro-batches re-run",
+                self.last_recovery_s,
+                len(history),
+                len(retry),
+            )
+            return
+
+    def _fail_all(self, exc: EdgemeshError) -> None:
+        with self._cond:
+            self._broken = exc
+            self._recovering = False
+            retry, self._retry = self._retry, []
+        log.error("pipeline unavailable: %s", exc)
+        for job in retry:
+            job.future.set_exception(exc)
+
+    def _alive_boxes(self) -> set[str]:
+        alive: set[str] = set()
+        for node in self._ray.nodes():
+            if node.get("Alive"):
+                alive.update(k[4:] for k in node.get("Resources", {}) if k.startswith("box:"))
+        return alive
+
+    def _survivors(
+        self, old_specs: list[StageSpec], old_actors: list[Any], specs: list[StageSpec]
+    ) -> dict[int, Any]:
+        """New stage index -> an old actor doing exactly that work and still answering."""
+        keep: dict[int, Any] = {}
+        for i, spec in enumerate(specs):
+            for old, actor in zip(old_specs, old_actors, strict=True):
+                if old.to_dict() | {"index": i} == spec.to_dict():
+                    try:
+                        self._ray.get(actor.ready.remote(), timeout=5)
+                        keep[i] = actor
+                    except Exception as exc:
+                        log.info("stage %d on %s is gone: %r", old.index, old.box, exc)
+                    break
+        return keep
+
+    def _start(
+        self, specs: list[StageSpec], keep: dict[int, Any]
+    ) -> tuple[list[StageSpec], list[Any], list[dict[str, Any]]]:
+        ray = self._ray
+        remote = ray.remote(StageWorker)
+        actors = []
+        for i, spec in enumerate(specs):
+            if i in keep:
+                actors.append(keep[i])
+                continue
+            actors.append(
+                remote.options(
+                    resources={f"box:{spec.box}": 0.001},
+                    num_cpus=0,
+                    max_concurrency=STAGE_CONCURRENCY,
+                    max_restarts=0,
+                ).remote(spec.to_dict(), self.manifest_bytes, self.source)
+            )
+        try:
+            info = ray.get([a.ready.remote() for a in actors], timeout=self.ready_timeout_s)
+        except Exception as exc:
+            self._kill([a for i, a in enumerate(actors) if i not in keep])
+            cause = _unwrap(exc)
+            if isinstance(cause, EdgemeshError):
+                raise cause from exc
+            raise
+        for spec, stage in zip(specs, info, strict=True):
+            log.info(
+                "stage %d: layers %s on box %s (pid %s)",
+                spec.index,
+                stage["layers"],
+                spec.box,
+                stage["pid"],
+            )
+        return list(specs), actors, list(info)
+
+    def _kill(self, actors: list[Any]) -> None:
+        for actor in actors:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception as exc:  # already dead: nothing to stop
+                log.debug("kill of a stage actor: %r", exc)
+
+    def _replay(self, actors: list[Any], history: dict[int, list[int]]) -> None:
+        """Feed every live sequence its tokens again, from position 0, chunk by chunk."""
+        if not history:
+            return
+        longest = max(len(v) for v in history.values())
+        for begin in range(0, longest, self.prefill_chunk):
+            inputs = [
+                SeqInput(sid, begin, tokens=np.asarray(toks[begin : begin + self.prefill_chunk]))
+                for sid, toks in history.items()
+                if len(toks) > begin
+            ]
+            ref: Any = Batch.from_inputs(inputs)
+            for actor in actors[:-1]:
+                ref = actor.forward.remote(ref)
+            self._ray.get(actors[-1].forward.remote(ref, None), timeout=self.ready_timeout_s)
+            self.replayed_tokens += sum(i.length for i in inputs)

@@ -1,0 +1,105 @@
+"""The mesh gateway: the single box's OpenAI app, served by Ray Serve on the head.
+
+The deployment is one replica pinned to the head box. Its constructor opens
+every deployed model (``mesh_service``: a ``RayPipeline`` per model, or the
+in-process path for a one-stage plan on the head), and
+``__serve_build_asgi_app__`` hands Ray Serve the very app ``edgemesh serve``
+uses (``edgemesh.gateway.create_app``), so both speak the same API, errors,
+429s and streaming included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from edgemesh.errors import MeshError, require
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "edgemesh"
+DEPLOYMENT = "edgemesh-gateway"
+
+
+class MeshGateway:
+    """The Serve replica (decorated in ``gateway_app``)."""
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        head_box: str,
+        sources: dict[str, Any],
+        api_keys: Sequence[str] = (),
+    ) -> None:
+        from edgemesh.router.service import mesh_service
+
+        logging.basicConfig(level=logging.INFO)
+        self.api_keys = tuple(api_keys)
+        self.services = [
+            mesh_service(r, here=head_box, source=sources.get(r["name"])) for r in records
+        ]
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from edgemesh.gateway import create_app
+
+        return create_app(self.services, api_keys=self.api_keys)
+
+    def __del__(self) -> None:
+        for service in getattr(self, "services", []):
+            try:
+                service.close()
+            except Exception as exc:  # shutting down: nothing left to report to
+                log.debug("closing %s: %r", service.name, exc)
+
+
+def gateway_app(
+    records: list[dict[str, Any]],
+    head_box: str,
+    sources: dict[str, Any],
+    api_keys: Sequence[str] = (),
+) -> Any:
+    """The bound Serve application (``serve.run`` it)."""
+    serve = require("ray.serve", "mesh")
+    cls = serve.deployment(
+        name=DEPLOYMENT,
+        num_replicas=1,
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 0, "resources": {f"box:{head_box}": 0.001}},
+    )(serve.ingress()(MeshGateway))
+    return cls.bind(records, head_box, sources, list(api_keys))
+
+
+def start_gateway(
+    records: list[dict[str, Any]],
+    head_box: str,
+    sources: dict[str, Any],
+    *,
+    host: str,
+    port: int,
+    api_keys: Sequence[str] = (),
+) -> str:
+    """(Re)start the gateway with ``records``; returns its base URL (``.../v1``)."""
+    serve = require("ray.serve", "mesh")
+    try:
+        serve.start(http_options={"host": host, "port": port}, detached=True)
+        serve.run(
+            gateway_app(records, head_box, sources, api_keys),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+        )
+    except Exception as exc:
+        raise MeshError(
+            f"Ray Serve could not start the mesh gateway on {host}:{port}: {exc}"
+        ) from exc
+    return f"http://{host}:{port}/v1"
+
+
+def stop_gateway() -> None:
+    """Remove the gateway app; a no-op when Serve is not running."""
+    serve = require("ray.serve", "mesh")
+    try:
+        serve.delete(APP_NAME)
+    except serve.exceptions.RayServeException as exc:
+        log.debug("no gateway to stop: %s", exc)
