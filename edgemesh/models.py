@@ -66,3 +66,42 @@ def resolve(model: str | None) -> ModelSource:
         f"no model at '{model}'",
         hint=f"pass a .gguf file, a converted package folder, or omit --model for {DEFAULT_MODEL}",
     )
+
+
+def default_package(cache_dir: Path | None = None) -> Path:
+    """The default model converted to an ONNX package, converted once and cached.
+
+    Benchmarks and the mesh need layer ranges, which a GGUF file cannot give;
+    converting the default model takes a few minutes, so the result is kept
+    under the cache (``$EDGEMESH_CACHE_DIR`` or ``~/.cache/edgemesh``) and
+    reused while its manifest opens and verifies.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from edgemesh.errors import EdgemeshError
+    from edgemesh.sharding.convert import convert
+    from edgemesh.sharding.package import open_package
+
+    root = cache_dir or Path(
+        os.environ.get("EDGEMESH_CACHE_DIR") or Path.home() / ".cache" / "edgemesh"
+    )
+    target = root / "packages" / DEFAULT_MODEL
+    if (target / "manifest.json").is_file():
+        try:
+            open_package(target)
+            return target
+        except EdgemeshError as exc:
+            log.warning("the cached %s package is unusable (%s); converting again", target, exc)
+            shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to an ONNX package under %s (once)", DEFAULT_MODEL, target)
+    # Convert beside the target and rename, so an interrupted run leaves no half package.
+    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        convert(default_model_path(), work / DEFAULT_MODEL)
+        os.replace(work / DEFAULT_MODEL, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target

@@ -1,0 +1,171 @@
+"""Predicted vs measured stage times: the partitioner's cost model on real boxes.
+
+Two (or more) boxes are emulated on this host by cgroup CPU quotas
+(``--quotas 0.5,1.0``). Each box is fingerprinted *inside its cgroup* with
+``edgemesh info --json --measure``, exactly as a real box would be; the
+partitioner plans the model over those profiles; then every stage of the plan
+runs its own layer range inside its box's cgroup, and the time of one decode
+step (one sequence, KV cache at the plan's mean position) is measured and set
+against the stage's ``compute_ms``.
+
+    python -m edgemesh.bench.planner_check --model PKG [--quotas 0.5,1.0] [--json]
+
+Writes ``bench/results/planner_check.json``. Needs root (cgroups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemesh.bench import cgroups
+
+RESULTS = Path(__file__).resolve().parent / "results" / "planner_check.json"
+
+
+def _fingerprint(box: cgroups.Limits, box_id: str, cache: Path) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "edgemesh", "info", "--json", "--measure"]
+    argv += ["--id", box_id, "--cache-dir", str(cache)]
+    out = subprocess.run(box.wrap(argv), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _measure_stage(
+    box: cgroups.Limits, model: Path, stage: dict[str, Any], threads: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "edgemesh.bench.planner_check", "--worker", "--model", str(model)]
+    argv += ["--layers", f"{stage['layers'][0]},{stage['layers'][1]}"]
+    argv += ["--backend", stage["backend"], "--precision", stage["precision"]]
+    argv += ["--threads", str(threads), "--position", str(args.position)]
+    argv += ["--tokens", str(args.tokens)]
+    out = subprocess.run(box.wrap(argv), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Inside a box: time decode steps of one layer range at a given KV length."""
+    from edgemesh.backends import registry
+    from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
+    from edgemesh.sharding.package import open_package
+
+    pkg = open_package(args.model)
+    start, stop = (int(v) for v in args.layers.split(","))
+    spec = ShardSpec(pkg.root, LayerRange(start, stop), pkg.num_layers, args.precision)
+    backend = registry.require_available(args.backend)(spec, BackendOptions(threads=args.threads))
+    rng = np.random.default_rng(0)
+    hidden = pkg.manifest.hidden_size
+
+    def step_input(pos: int, n: int) -> SeqInput:
+        if spec.is_first:
+            return SeqInput(0, pos, tokens=rng.integers(0, 1000, size=n, dtype=np.int64))
+        return SeqInput(0, pos, hidden=rng.standard_normal((n, hidden), dtype=np.float32))
+
+    try:
+        backend.forward([step_input(0, args.position)])  # the prompt: KV at the mean position
+        times = []
+        for i in range(args.tokens):
+            t0 = time.perf_counter()
+            backend.forward([step_input(args.position + i, 1)])
+            times.append(1000 * (time.perf_counter() - t0))
+    finally:
+        backend.close()
+    warm = times[len(times) // 4 :]  # skip warm-up steps (allocations, lazy kernels)
+    print(json.dumps({"median_ms": statistics.median(warm), "mean_ms": statistics.fmean(warm)}))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from edgemesh.sharding.costs import PlanOptions
+    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.planner import plan
+
+    quotas = [float(q) for q in args.quotas.split(",")]
+    manifest = open_package(args.model).manifest
+    limits = [cgroups.Limits(q, None, name=f"box{i}") for i, q in enumerate(quotas)]
+    boxes: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, box in enumerate(limits):
+            with box:
+                box_id = f"box{i}-{quotas[i]:g}cpu"
+                boxes[box_id] = _fingerprint(box, box_id, Path(tmp) / box_id)
+    # The cost model takes attention and KV reads at half the context, so a
+    # context of twice the measured position makes both describe the same step.
+    options = PlanOptions(context=2 * args.position, sequences=1)
+    the_plan = plan(manifest, list(boxes.values()), None, options)
+    rows = []
+    for stage in the_plan.stages:
+        i = list(boxes).index(stage.box)
+        threads = max(1, round(boxes[stage.box]["cpu"]["cores_effective"]))
+        with cgroups.Limits(quotas[i], None, name=f"stage{i}") as box:
+            measured = _measure_stage(box, Path(args.model), stage.to_dict(), threads, args)
+        rows.append(
+            {
+                "box": stage.box,
+                "cpus": quotas[i],
+                "layers": [stage.layers.start, stage.layers.stop],
+                "backend": stage.backend,
+                "precision": stage.precision,
+                "predicted_ms": round(stage.compute_ms, 3),
+                "measured_ms": round(measured["median_ms"], 3),
+                "ratio": round(measured["median_ms"] / stage.compute_ms, 3),
+            }
+        )
+    return {
+        "model": manifest.name,
+        "quotas": quotas,
+        "position": args.position,
+        "stages": rows,
+        "max_relative_error": round(max(abs(r["ratio"] - 1) for r in rows), 3),
+        "plan": the_plan.to_dict(),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "command": " ".join(["python -m edgemesh.bench.planner_check", *sys.argv[1:]]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a converted model package")
+    parser.add_argument("--quotas", default="0.5,1.0", help="CPU cores per emulated box")
+    parser.add_argument("--position", type=int, default=128, help="KV length during decode")
+    parser.add_argument("--tokens", type=int, default=48, help="decode steps timed per stage")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    why = cgroups.unavailable()
+    if why:
+        sys.exit(f"planner_check needs cgroups: {why}")
+    result = run(args)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'box':<14} {'layers':<9} {'backend/precision':<22} {'predicted':>9} {'measured':>9}")
+    for r in result["stages"]:
+        layers = f"[{r['layers'][0]},{r['layers'][1]})"
+        print(
+            f"{r['box']:<14} {layers:<9} {r['backend'] + '/' + r['precision']:<22} "
+            f"{r['predicted_ms']:>7.2f}ms {r['measured_ms']:>7.2f}ms  x{r['ratio']:.2f}"
+        )
+    print(f"max |measured/predicted - 1| = {result['max_relative_error']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Render docs/BENCHMARKS.md (tables + PNG plots) from bench/results/*.json.
+
+Every figure is a ratio against a reference measured in the same run, and
+under each one the page prints the exact command and the machine that
+produced it. A figure whose result file is missing says so and names the
+command that would produce it, instead of showing stale or invented numbers.
+
+    python -m edgemesh.bench.report      # re-render from the stored results
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+REPO = BENCH.parent
+DOC = REPO / "docs" / "BENCHMARKS.md"
+IMG = REPO / "docs" / "img"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+
+
+def _provenance(result: dict[str, Any]) -> str:
+    machine = result.get("machine", "")
+    if isinstance(machine, dict):
+        machine = ", ".join(f"{k} {v}" for k, v in machine.items())
+    when = result.get("measured_at") or result.get("date") or ""
+    return f"\n_Command:_ `{result.get('command', '?')}`  \n_Machine:_ {machine} {when}\n"
+
+
+def _missing(command: str) -> str:
+    return f"\n_Not measured yet: run `{command}`._\n"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, name: str) -> str:
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(IMG / name, dpi=110)
+    _plt().close(fig)
+    return f"\n![{name}](img/{name})\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return "—" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+# -- figure 1: single box --------------------------------------------------
+
+
+def figure_single() -> str:
+    out = "## 1. Single box: edgemesh backends vs llama-cpp-python\n"
+    single = _load("single")
+    backends = _load("backends")
+    if single is None and backends is None:
+        return out + _missing("edgemesh bench single")
+    rows = []
+    if single:
+        ref = single.get("llamacpp_tokens_per_s")
+        for name, run in single.get("runs", {}).items():
+            tps = run.get("decode_tokens_per_s")
+            rows.append(
+                [name, run.get("precision"), tps, run.get("ttft_ms"), run.get("peak_rss_mb"),
+                 tps / ref if ref and tps else None]
+            )  # fmt: skip
+    if backends:
+        ref = backends.get("llamacpp_tokens_per_s") or backends.get("reference_tokens_per_s")
+        for name, run in backends.get("runs", {}).items():
+            tps = run.get("decode_tokens_per_s")
+            rows.append(
+                [f"{name} ({backends.get('model', '')})", run.get("precision"), tps,
+                 run.get("ttft_ms"), run.get("peak_rss_mb"), tps / ref if ref and tps else None]
+            )  # fmt: skip
+    out += _table(
+        ["engine", "precision", "decode tok/s", "TTFT ms", "peak RSS MB", "× llama.cpp"], rows
+    )
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    ax.barh([str(r[0]) for r in rows], [r[2] or 0 for r in rows], color="#3b6fd8")
+    ax.set_xlabel("decode tokens/s (higher is better)")
+    ax.invert_yaxis()
+    out += _save(fig, "single_box.png")
+    for result in (single, backends):
+        if result:
+            out += _provenance(result)
+    return out
+
+
+# -- figures 2 and 3: pipeline --------------------------------------------
+
+
+def figure_pipeline() -> str:
+    out = "## 2. Pipeline: cost of each hop, latency through 1, 2 and 3 stages\n"
+    result = _load("pipeline")
+    if result is None:
+        return out + _missing("edgemesh bench pipeline")
+    plane = result.get("data_plane", {})
+    payload = plane.get("payload_bytes", {})
+    rows = []
+    for name in ("ray_actor_calls", "compiled_graph", "tcp_msgpack"):
+        if name in plane:
+            rows.append([name.replace("_", " "), plane[name].get("per_hop_ms")])
+    out += _table(["data plane", "ms per hop"], rows)
+    if payload:
+        out += "\nBytes per token on the wire: " + ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in payload.items()
+        ) + ".\n"  # fmt: skip
+    router = result.get("router", {})
+    stages = sorted((int(k.split("_")[0]), v) for k, v in router.items() if k.endswith("_stages"))
+    if stages:
+        base = stages[0][1].get("single_stream_tok_s")
+        rows = []
+        for n, s in stages:
+            tps = s.get("single_stream_tok_s")
+            layers = " ".join(f"[{a},{b})" for a, b in s.get("layers", []))
+            rows.append(
+                [n, layers, tps, 1000 / tps if tps else None, tps / base if base and tps else None]
+            )
+        out += _table(["stages", "layers", "single stream tok/s", "ms/token", "× 1 stage"], rows)
+        out += _provenance(result)
+        out += "\n## 3. Throughput: aggregate tokens/s vs concurrent streams\n"
+        streams = sorted(
+            {int(k.rsplit("_", 1)[1]) for _, s in stages for k in s if k.startswith("aggregate")}
+        )
+        out += _table(
+            ["stages", *[f"{c} streams tok/s" for c in streams], f"{streams[-1]} vs 1"],
+            [
+                [n, *[s.get(f"aggregate_tok_s_{c}") for c in streams], s.get("ratio_16_vs_1")]
+                for n, s in stages
+            ],
+        )
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for n, s in stages:
+            ax.plot(streams, [s.get(f"aggregate_tok_s_{c}") or 0 for c in streams], "o-",
+                    label=f"{n} stage(s)")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(streams, [str(c) for c in streams])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("aggregate tokens/s")
+        ax.legend()
+        out += _save(fig, "throughput.png")
+    out += _provenance(result)
+    return out
+
+
+# -- figure 4: planner -----------------------------------------------------
+
+
+def figure_planner() -> str:
+    from edgemesh.sharding.scenarios import scenario_report
+
+    out = "## 4. Planner: predicted vs measured, and against simple splits\n"
+    check = _load("planner_check")
+    if check is None:
+        out += _missing("python -m edgemesh.bench.planner_check --model PKG")
+    else:
+        rows = [
+            [r["box"], f"[{r['layers'][0]},{r['layers'][1]})", f"{r['backend']}/{r['precision']}",
+             r["predicted_ms"], r["measured_ms"], r["ratio"]]
+            for r in check["stages"]
+        ]  # fmt: skip
+        header = ["box (CPU quota)", "layers", "backend", "predicted ms", "measured ms"]
+        out += _table([*header, "measured / predicted"], rows)
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5, 3))
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r[3] for r in rows], 0.4, label="predicted")
+        ax.bar([x + 0.2 for x in xs], [r[4] for r in rows], 0.4, label="measured")
+        ax.set_xticks(list(xs), [r[0] for r in rows])
+        ax.set_ylabel("ms per token")
+        ax.legend()
+        out += _save(fig, "planner_check.png")
+        out += _provenance(check)
+    rows = []
+    for r in scenario_report():
+        if "error" in r:
+            rows.append([r["scenario"], "fits nowhere", None, None, None])
+            continue
+        rows.append(
+            [r["scenario"], r["bottleneck_ms"], r.get("memory_proportional_ms"), r.get("equal_ms"),
+             r.get("speedup_memory_proportional")]
+        )  # fmt: skip
+    out += "\nScenario set (`sharding/scenarios.py`), predicted bottleneck per token:\n"
+    header = ["scenario", "edgemesh ms", "memory-proportional ms", "equal split ms"]
+    out += _table([*header, "× vs memory-proportional"], rows)
+    out += "\n_Source:_ `edgemesh.sharding.scenarios.scenario_report()` (cost model only)\n"
+    return out
+
+
+# -- figures 5 and 6: memory and mesh --------------------------------------
+
+
+def figure_memory() -> str:
+    out = "## 5. Memory: a model larger than any one box\n"
+    result = _load("memory")
+    if result is None:
+        return out + _missing("python -m edgemesh.bench.memory")
+    rows = [
+        [r["setup"], r.get("limit_mb"), r["outcome"], r.get("tokens_per_s")] for r in result["runs"]
+    ]
+    out += _table(["setup", "memory limit per box (MB)", "outcome", "tokens/s"], rows)
+    return out + _provenance(result)
+
+
+def figure_mesh() -> str:
+    out = "## 6. Mesh: from `edgemesh join` to the first token, and recovery\n"
+    result = _load("mesh")
+    if result is None:
+        return out + _missing("python -m edgemesh.bench.mesh")
+    out += _table(
+        ["event", "seconds"], [[k.replace("_", " "), v] for k, v in result["seconds"].items()]
+    )
+    return out + _provenance(result)
+
+
+FIGURES: list[Callable[[], str]] = [
+    figure_single,
+    figure_pipeline,
+    figure_planner,
+    figure_memory,
+    figure_mesh,
+]
+
+HEADER = """# Benchmarks
+
+Generated by `edgemesh bench all` (or `python -m edgemesh.bench`) from the
+JSON results in `bench/results/`; `python -m edgemesh.bench.report` re-renders
+this page from stored results. Every number is measured; each figure is a
+ratio against a reference measured in the same run, and names the command and
+machine that produced it. Timings never gate tests.
+"""
+
+
+def render() -> Path:
+    parts = [HEADER]
+    for figure in FIGURES:
+        try:
+            parts.append(figure())
+        except Exception as exc:  # a broken result file must not hide the other figures
+            log.exception("figure %s failed", figure.__name__)
+            parts.append(f"\n_{figure.__name__} could not be rendered: {exc}_\n")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(parts))
+    return DOC
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level="INFO")
+    print(render())

@@ -1,0 +1,42 @@
+"""The fingerprint reads the limits of a real cgroup it runs in (not a snapshot)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgemesh.bench import cgroups
+
+pytestmark = pytest.mark.skipif(
+    cgroups.unavailable() is not None, reason=f"cgroups: {cgroups.unavailable()}"
+)
+
+
+@pytest.mark.parametrize(("cpus", "memory_mib"), [(0.5, 1024), (1.5, 3072)])
+def test_info_reads_the_cgroup_it_runs_in(cpus: float, memory_mib: int) -> None:
+    with cgroups.Limits(cpus, memory_mib << 20, name="fp") as box:
+        out = subprocess.run(
+            box.wrap([sys.executable, "-m", "edgemesh", "info", "--json"]),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    info = json.loads(out.stdout)
+    assert info["cpu"]["cores_effective"] == pytest.approx(cpus)
+    assert info["memory"]["limit_bytes"] == memory_mib << 20
+    assert info["memory"]["total_bytes"] > info["memory"]["limit_bytes"]
+
+
+def test_the_cgroup_is_gone_and_its_processes_killed() -> None:
+    with cgroups.Limits(1.0, None, name="gone") as box:
+        proc = subprocess.Popen(box.wrap(["sleep", "60"]))
+        for _ in range(100):
+            if proc.pid in box.pids():
+                break
+            subprocess.run(["sleep", "0.02"])
+        assert proc.pid in box.pids()
+    assert proc.wait(timeout=5) != 0
+    assert not any(d.exists() for d in box.dirs)
