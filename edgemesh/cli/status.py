@@ -1,0 +1,52 @@
+"""`edgemesh status`: every box of the mesh, from any box."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from edgemesh.cli._common import print_json, user_errors
+from edgemesh.cli.join import IfaceOpt, SecretOpt, StateOpt
+
+
+def command(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    mesh: Annotated[
+        str | None,
+        typer.Option(
+            "--mesh", help="Mesh name; default: this box's saved settings, else 'default'."
+        ),
+    ] = None,
+    secret_file: SecretOpt = None,
+    state_dir: StateOpt = None,
+    interface: IfaceOpt = None,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to browse mDNS when no agent runs on this box.")
+    ] = 3.0,
+) -> None:
+    """List every box of the mesh with its role, address, fingerprint and health."""
+    from edgemesh.errors import AuthError
+    from edgemesh.mesh.config import JoinSettings, default_state_dir, load_settings, resolve_secret
+    from edgemesh.mesh.status import collect_status, render
+
+    with user_errors():
+        folder = (state_dir or default_state_dir(mesh or "default")).expanduser()
+        saved = load_settings(folder) or JoinSettings(mesh=mesh or "default")
+        settings = JoinSettings(
+            mesh=mesh or saved.mesh,
+            state_dir=folder,
+            secret_file=secret_file or saved.secret_file,
+            interface=interface or saved.interface,
+        ).resolved()
+        try:
+            secret = resolve_secret(settings, create=False)[0]
+        except AuthError:
+            secret = None  # fine while the agent runs: its state is already verified
+        status = collect_status(settings, secret, browse_s=wait)
+    if json_out:
+        from edgemesh.router.deploy import status_extras
+
+        print_json({**status.to_dict(), **status_extras(folder)})
+    else:
+        typer.echo(render(status))
