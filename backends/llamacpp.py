@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgemesh.backends.base import Backend, Capabilities, SeqInput, ShardSpec
 
+from edgemesh.backends.base import Backend, Capabilities, SeqInput, ShardSpec
 from edgemesh.errors import (
     ConfigError,
     CorruptArtifactError,
@@ -209,8 +209,9 @@ class LlamaCppBackend(Backend):
                     raise InferenceError("llama.cpp takes token ids, not hidden states")
                 slot = self._slot(item.seq_id)
                 # A replay (start_pos below what is cached) drops the tail first,
-                # as the other backends do; a no-op when nothing lies beyond.
-                self._llama.llama_memory_seq_rm(self._memory, slot, item.start_pos, -1)
+                # as the other backends do.
+                if self._llama.llama_memory_seq_pos_max(self._memory, slot) >= item.start_pos:
+                    self._llama.llama_memory_seq_rm(self._memory, slot, item.start_pos, -1)
                 n = item.length
                 for j, tok in enumerate(item.tokens.tolist()):
                     want = item.logits == "all" or j == n - 1

@@ -13,7 +13,6 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 
 from edgemesh.backends.base import Backend
-
 from edgemesh.errors import BackendUnavailableError, ConfigError
 
 _NOT_BACKENDS = {"base", "registry"}

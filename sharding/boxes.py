@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.backends.base import PRECISIONS
-
 from edgemesh.errors import ConfigError
 
 DEFAULT_LINK_GBPS = 1.0

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from edgemesh.backends.base import PRECISIONS
+from edgemesh.errors import ConfigError
 from edgemesh.sharding.boxes import BoxProfile, ComputeRate, Link, index_links, resolve_link
 from edgemesh.sharding.manifest import LayerCost, Manifest
-
-from edgemesh.errors import ConfigError
 
 OBJECTIVES = ("throughput", "latency")
 RUNTIME_OVERHEAD_BYTES = 150_000_000

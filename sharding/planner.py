@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from edgemesh.backends.base import PRECISIONS, LayerRange
+from edgemesh.errors import PlanError
 from edgemesh.sharding.baselines import Baseline, evaluate_baselines
 from edgemesh.sharding.boxes import BoxProfile, Link, as_boxes, as_links
 from edgemesh.sharding.costs import INF, CostModel, PlanOptions
 from edgemesh.sharding.manifest import Manifest
 from edgemesh.sharding.solver import Chain, solve
-
-from edgemesh.errors import PlanError
 
 TIE = 1e-12
 """Relative slack when a pass must stay within a figure the previous pass found."""

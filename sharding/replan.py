@@ -23,13 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from edgemesh.errors import PlanError
 from edgemesh.sharding.boxes import BoxProfile, Link, as_boxes, as_links
 from edgemesh.sharding.costs import CostModel, PlanOptions
 from edgemesh.sharding.manifest import Manifest
 from edgemesh.sharding.planner import Plan, assemble, optimize, score_tables
 from edgemesh.sharding.solver import solve
-
-from edgemesh.errors import PlanError
 
 BISECTION_STEPS = 40
 

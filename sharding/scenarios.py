@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgemesh.sharding.manifest import LayerCost, Manifest, TokenizerInfo
-
 from edgemesh.errors import InfeasiblePlanError
+from edgemesh.sharding.manifest import LayerCost, Manifest, TokenizerInfo
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0625, "int4": 0.5625}
 """int8/int4 carry one fp16 scale per group of 32 weights."""

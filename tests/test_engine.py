@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgemesh.backends.base import SeqInput
 
+from edgemesh.backends.base import SeqInput
 from edgemesh.errors import ContextOverflowError, OverloadedError
 from edgemesh.gateway.service import ModelService
 from edgemesh.local import LocalOptions, load_service

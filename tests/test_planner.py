@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
+
+from edgemesh.errors import InfeasiblePlanError, PlanError
 from edgemesh.sharding.boxes import BoxProfile, parse_boxes
 from edgemesh.sharding.costs import CostModel, PlanOptions
 from edgemesh.sharding.planner import Plan, plan
@@ -21,8 +23,6 @@ from edgemesh.sharding.scenarios import (
     scenario_report,
     synthetic_manifest,
 )
-
-from edgemesh.errors import InfeasiblePlanError, PlanError
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX_FILES = ROOT / "tests" / "data" / "boxes"

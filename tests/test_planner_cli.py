@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from edgemesh.sharding.scenarios import SCENARIOS, gemma_270m_like, llm_7b_like
 from typer.testing import CliRunner
 
 from edgemesh.cli import app
+from edgemesh.sharding.scenarios import SCENARIOS, gemma_270m_like, llm_7b_like
 
 runner = CliRunner()
 BOX_FILES = Path(__file__).resolve().parent / "data" / "boxes"

@@ -10,14 +10,14 @@ import random
 
 import numpy as np
 import pytest
+
+from edgemesh.errors import InfeasiblePlanError
 from edgemesh.sharding.boxes import BoxProfile, Link, parse_boxes
 from edgemesh.sharding.costs import CostModel, PlanOptions
 from edgemesh.sharding.manifest import LayerCost, Manifest
 from edgemesh.sharding.planner import plan
 from edgemesh.sharding.scenarios import MODELS, SCENARIOS, synthetic_manifest
 from edgemesh.sharding.solver import solve_exact, solve_ordered
-
-from edgemesh.errors import InfeasiblePlanError
 
 
 def all_plans(model: CostModel, every_option: bool = True):

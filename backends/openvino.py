@@ -1,0 +1,323 @@
+"""OpenVINO backend: any layer range of a converted package on OpenVINO's runtime.
+
+Loading verifies and composes the range graph exactly as onnxruntime does
+(``Package.range_graph``), then compiles it with OpenVINO for ``CPU`` (or
+``GPU`` when ``BackendOptions.device`` asks for it and the box has one).
+
+Precisions. OpenVINO has no int8/int4 *weight compression* of its own
+without NNCF; what it has is a runtime for compressed weights: integer
+constants followed by ``Convert -> Subtract(zero point) -> Multiply(scale)``,
+which the CPU plugin folds into a fully-connected kernel that reads the
+packed weights directly. Its ONNX frontend decomposes the package's
+``com.microsoft.MatMulNBits`` (int8/int4, 32 weights per scale) into exactly
+that pattern, so the int8/int4 pieces run as OpenVINO-compressed weights
+with no re-quantisation (``compressed_weight_types`` reports what the
+compiled model kept). ``fp16`` runs the package's fp16 pieces.
+
+Compiled-model cache: ``BackendOptions.cache_dir`` (or the package's range
+cache) holds OpenVINO's ``CACHE_DIR`` blobs, keyed by OpenVINO on the graph
+file and the compile options; the graph's path already carries the sha256
+of its pieces, so a changed package never hits a stale blob.
+
+KV cache: each sequence holds its layers' ``present`` tensors as
+``ov.Tensor`` objects allocated for the call that produced them (the
+request writes straight into them) and binds them as the next call's
+``past`` tensors, so nothing is copied through numpy between steps.
+
+This module is the only place edgemesh imports ``openvino``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemesh.backends.base import PRECISIONS, Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ContextOverflowError,
+    InferenceError,
+    ShardLoadError,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    length: int = 0
+    kv: list[Any] = field(default_factory=list)
+    """ov.Tensor: past_key, past_value for each layer of the range, in order."""
+
+
+def select_device(core: Any, device: str) -> str:
+    """OpenVINO device name for ``device`` (``cpu``, ``gpu[:N]``, ``auto``)."""
+    available = list(core.available_devices)
+    kind, _, index = device.lower().partition(":")
+    if kind == "auto":
+        return "GPU" if any(d.startswith("GPU") for d in available) else "CPU"
+    if kind == "cpu":
+        return "CPU"
+    if kind == "gpu":
+        name = f"GPU.{index}" if index else "GPU"
+        if not any(d == name or (not index and d.startswith("GPU")) for d in available):
+            raise BackendUnavailableError(
+                f"OpenVINO sees no {name} here (devices: {', '.join(available)})",
+                hint="install the Intel GPU compute runtime or run this shard on cpu",
+            )
+        return name
+    raise ConfigError(f"OpenVINO cannot run on device '{device}'", hint="use cpu, gpu or auto")
+
+
+def exact_integer_division(model: Any, ops: Any) -> int:
+    """Make integer ``Divide`` nodes floor exactly; returns how many were rewritten.
+
+    The ONNX frontend turns ``BitShift`` (the int4 embedding's nibble
+    unpacking) into an integer ``Divide`` by 2^n, and the CPU plugin runs u8
+    division through float with round-to-nearest (174 >> 4 gave 11, not
+    10). Dividing in f32 and flooring is exact for 8/16-bit integers.
+    """
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Divide":
+            continue
+        kind = op.get_output_element_type(0)
+        if not kind.is_integral() or not op.get_attributes().get("m_pythondiv", True):
+            continue
+        num = ops.convert(op.input_value(0), "f32")
+        den = ops.convert(op.input_value(1), "f32")
+        exact = ops.convert(ops.floor(ops.divide(num, den)), kind)
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(exact.output(0))
+        count += 1
+    return count
+
+
+def compile_options(ov_props: Any, threads: int | None) -> dict[Any, Any]:
+    """Compile-time properties: latency mode, exact fp32 activations, thread count."""
+    hints = ov_props.hint
+    config: dict[Any, Any] = {
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        hints.num_requests: 1,
+        # f32 activations: bf16/f16 inference precision would change results
+        # between boxes with and without AMX/AVX512-FP16.
+        hints.inference_precision: "f32",
+    }
+    if threads:
+        config[ov_props.inference_num_threads] = int(threads)
+    return config
+
+
+class OpenVinoBackend(Backend):
+    """A layer range of an edgemesh package on OpenVINO (CPU, or an Intel GPU)."""
+
+    name = "openvino"
+    module = "openvino"
+    extra = "openvino"
+    capabilities = Capabilities(
+        partial_ranges=True,
+        precisions=PRECISIONS,
+        artifact_format="onnx",
+        max_batch=64,
+        needs_compiled_artifact=False,
+        devices=("cpu", "gpu"),
+    )
+
+    def __init__(self, shard: ShardSpec, options: Any = None) -> None:
+        super().__init__(shard, options)
+        ov = require("openvino", "openvino")
+        from edgemesh.sharding.package import default_cache_dir, open_package
+
+        self._ov = ov
+        package = open_package(shard.model)
+        if package.num_layers != shard.num_layers:
+            raise ConfigError(
+                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
+            )
+        start, stop = shard.layers.start, shard.layers.stop
+        package.check_range(start, stop, shard.precision)
+        path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
+        extra = package.manifest.extra
+        self.hidden_size = package.manifest.hidden_size
+        self.vocab_size = package.manifest.vocab_size
+        self._kv_heads = int(extra["kv_heads"])
+        self._head_dim = int(extra["head_dim"])
+        self.context_length = min(
+            self.options.context_length or package.manifest.context_length,
+            package.manifest.context_length,
+        )
+        self.max_sequences = max(1, self.options.max_sequences)
+        core = ov.Core()
+        self.device = select_device(core, self.options.device)
+        cache = Path(self.options.cache_dir or default_cache_dir()) / "openvino"
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            core.set_property({ov.properties.cache_dir: str(cache)})
+            model = core.read_model(str(path))
+            fixed = exact_integer_division(model, ov.opset13)
+            if fixed:
+                log.debug("openvino: %d integer divisions made exact", fixed)
+            self._compiled = core.compile_model(
+                model, self.device, compile_options(ov.properties, self.options.threads)
+            )
+            self._request = self._compiled.create_infer_request()
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError subclasses (ov::Exception)
+            raise ShardLoadError(
+                f"OpenVINO could not compile layers {shard.layers} ({shard.precision}) of "
+                f"'{package.manifest.name}' for {self.device}: {exc}"
+            ) from exc
+        self._first = shard.is_first
+        self._last = shard.is_last
+        self._layers = list(range(start, stop))
+        self._main_out = "logits" if self._last else "hidden_out"
+        self._seqs: dict[int, _Sequence] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        log.info(
+            "openvino: layers %s at %s on %s (%s)",
+            shard.layers,
+            shard.precision,
+            self.device,
+            path.parent.name,
+        )
+
+    # -- contract ---------------------------------------------------------
+
+    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
+        with self._lock:
+            if self._closed:
+                raise InferenceError("the OpenVINO backend is closed")
+            return [self._one(item) for item in batch]
+
+    def release(self, seq_id: int) -> None:
+        with self._lock:
+            self._seqs.pop(seq_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._seqs.clear()
+            self._request = None
+            self._compiled = None
+
+    # -- introspection ----------------------------------------------------
+
+    def kv_bytes(self) -> int:
+        """Bytes held in the KV tensors of every live sequence."""
+        with self._lock:
+            return sum(int(t.byte_size) for s in self._seqs.values() for t in s.kv)
+
+    def matmul_precisions(self) -> set[str]:
+        """Runtime precisions of the compiled model's fully-connected kernels.
+
+        ``{"u4"}`` for int4 and ``{"u8"}`` for int8 pieces show the CPU plugin
+        kept the weights compressed and runs its compressed-weight kernels;
+        ``{"f32"}`` for fp32.
+        """
+        found: set[str] = set()
+        for op in self._compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) == "FullyConnected":
+                found.add(info["runtimePrecision"].astype(str))
+        return found
+
+    # -- internals --------------------------------------------------------
+
+    def _empty_kv(self, tokens: int) -> Any:
+        ov = self._ov
+        return ov.Tensor(ov.Type.f32, ov.Shape([1, self._kv_heads, tokens, self._head_dim]))
+
+    def _state(self, item: SeqInput) -> _Sequence:
+        state = self._seqs.get(item.seq_id)
+        if state is None:
+            if len(self._seqs) >= self.max_sequences:
+                raise InferenceError(
+                    f"all {self.max_sequences} sequence slots are busy",
+                    hint="release finished sequences or raise max_sequences",
+                )
+            state = _Sequence(0, [self._empty_kv(0) for _ in range(2 * len(self._layers))])
+            self._seqs[item.seq_id] = state
+        if item.start_pos < state.length:
+            # Rewind (e.g. a replayed step): keep the first start_pos cached tokens.
+            keep = item.start_pos
+            state.kv = [
+                self._ov.Tensor(np.ascontiguousarray(t.data[:, :, :keep])) for t in state.kv
+            ]
+            state.length = keep
+        elif item.start_pos > state.length:
+            raise InferenceError(
+                f"sequence {item.seq_id} starts at position {item.start_pos} but only "
+                f"{state.length} tokens are cached on layers {self.shard.layers}"
+            )
+        return state
+
+    def _feeds(self, item: SeqInput) -> dict[str, np.ndarray]:
+        n = item.length
+        if self._first:
+            if item.tokens is None:
+                raise InferenceError(f"layers {self.shard.layers} start the model: send token ids")
+            feeds = {"input_ids": np.ascontiguousarray(item.tokens, dtype=np.int64).reshape(1, n)}
+        else:
+            if item.hidden is None:
+                raise InferenceError(f"layers {self.shard.layers} take hidden states, not tokens")
+            hidden = np.ascontiguousarray(item.hidden, dtype=np.float32)
+            if hidden.shape != (n, self.hidden_size):
+                raise InferenceError(
+                    f"hidden states of shape {hidden.shape}; layers {self.shard.layers} "
+                    f"take [{n}, {self.hidden_size}]"
+                )
+            feeds = {"hidden_in": hidden[None]}  # [1, S, H]
+        feeds["position_ids"] = np.arange(item.start_pos, item.start_pos + n, dtype=np.int64)[None]
+        if self._last:
+            rows = np.arange(n) if item.logits == "all" else np.array([n - 1])
+            feeds["logit_index"] = rows.astype(np.int64)
+        return feeds
+
+    def _one(self, item: SeqInput) -> np.ndarray:
+        n = item.length
+        if n < 1:
+            raise InferenceError("a forward call needs at least one new token")
+        if item.start_pos + n > self.context_length:
+            raise ContextOverflowError(
+                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
+                f"is {self.context_length}"
+            )
+        state = self._state(item)
+        feeds = self._feeds(item)
+        ov = self._ov
+        req = self._request
+        try:
+            for name, array in feeds.items():
+                req.set_tensor(name, ov.Tensor(array, shared_memory=True))
+            presents = []
+            for j, layer in enumerate(self._layers):
+                req.set_tensor(f"past_key.{layer}", state.kv[2 * j])
+                req.set_tensor(f"past_value.{layer}", state.kv[2 * j + 1])
+                # Fresh output tensors per call: the request writes into them
+                # and they become this sequence's cache; no copy afterwards.
+                for kind in ("present_key", "present_value"):
+                    out = self._empty_kv(state.length + n)
+                    req.set_tensor(f"{kind}.{layer}", out)
+                    presents.append(f"{kind}.{layer}")
+            req.infer()
+            main = req.get_tensor(self._main_out).data[0].copy()  # [n or rows, H or V]
+            state.kv = [req.get_tensor(name) for name in presents]
+        except RuntimeError as exc:
+            raise InferenceError(
+                f"OpenVINO failed on layers {self.shard.layers} at position {item.start_pos}: {exc}"
+            ) from exc
+        state.length += n
+        return main
+
+
+BACKEND = OpenVinoBackend

@@ -1,0 +1,464 @@
+"""TensorRT backend: one engine per layer range, built from the range's ONNX graph.
+
+Written against TensorRT's native Python API (``tensorrt>=10``):
+``Builder`` + ``OnnxParser`` + one optimisation profile build a serialized
+engine; ``Runtime.deserialize_cuda_engine`` + ``execute_async_v3`` run it.
+
+* **Dynamic shapes.** One profile covers batch ``1..MAX_BATCH`` (calls run
+  one sequence at a time, like onnxruntime), new tokens ``1..prefill_chunk``
+  and cached tokens ``0..context_length - 1``. Longer prompts are fed in
+  chunks of ``prefill_chunk`` tokens.
+* **Precisions.** ``fp32``: the fp32 graph as is. ``fp16``: the fp32 graph
+  with ``BuilderFlag.FP16`` (TensorRT keeps norms/softmax where it must).
+  ``int8``/``int4``: the package's ``com.microsoft.MatMulNBits`` weights,
+  which TensorRT's parser does not know, are rewritten into standard
+  weight-only ``DequantizeLinear`` (opset 21, block-wise scales, the same
+  bytes) followed by ``MatMul`` (``weight_only_graph``), which TensorRT
+  runs as weight-only quantised GEMMs; the rewrite is checked against the
+  original on onnxruntime by the tests, so it is verified without a GPU.
+* **Engine cache.** ``<cache>/tensorrt/<key>.engine`` with ``key`` = sha256
+  of (GPU name, compute capability, TensorRT version, graph sha256,
+  precision, profile). A new driver/GPU/TensorRT or a re-converted package
+  builds a new engine; a hit loads in well under a second.
+* **Buffers.** CUDA memory is torch CUDA tensors (torch is already the
+  converter's dependency; cuda-python would be one more): inputs are copied
+  once to the device, each sequence's KV ``present`` tensors are allocated
+  on the device for the call that writes them and bound as the next call's
+  ``past``; only the hidden states or logits come back to the host.
+
+This module is the only place edgemesh imports ``tensorrt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemesh.backends.base import PRECISIONS, Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ContextOverflowError,
+    CorruptArtifactError,
+    InferenceError,
+    ShardLoadError,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 4
+PREFILL_CHUNK = 256
+WORKSPACE_BYTES = 2 << 30
+ENGINE_FORMAT = 1
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver exposes at least one GPU (no import, no CUDA call)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+# -- graph preparation (runs anywhere; tested on onnxruntime) ------------------
+
+
+def weight_only_graph(src: Path, dst: Path) -> Path:
+    """Rewrite ``MatMulNBits`` nodes into ``DequantizeLinear -> MatMul`` (opset 21).
+
+    MatMulNBits stores ``B [N, K/block, block*bits/8]`` uint8 (value + 2^(bits-1),
+    low nibble first) and ``scales [N, K/block]``. The rewrite keeps the same
+    quantised values as signed ``INT8``/``INT4`` ``W [K, N]`` with block-wise
+    ``scales [K/block, N]`` along axis 0, which is the weight-only form
+    TensorRT 10 fuses into its GEMMs. Writes ``dst`` (+ ``dst.data``).
+    """
+    onnx = require("onnx", "onnx")
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    from edgemesh.sharding.package import write_piece
+    from edgemesh.sharding.quantize import dequantize
+
+    model = onnx.load(str(src))  # loads the external weights too
+    # Lift the standard ops to opset 21 (block-wise DequantizeLinear lives
+    # there) first; the converter leaves the com.microsoft nodes alone.
+    model = version_converter.convert_version(model, 21)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes: list[Any] = []
+    new_inits: list[Any] = []
+    dropped: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bits, block, k, n = attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]
+        a_in, b_name, s_name = node.input[0], node.input[1], node.input[2]
+        packed = numpy_helper.to_array(inits[b_name])
+        scales = numpy_helper.to_array(inits[s_name]).reshape(n, -1)  # [N, K/block]
+        blocks = scales.shape[1]
+        if blocks * block != k:
+            raise ConfigError(f"{node.name}: K={k} is not a multiple of block {block}")
+        # Recover the integer codes: dequantize with unit scales gives q - 2^(bits-1).
+        codes = dequantize(packed, np.ones_like(scales), bits, k)  # [N, K] float
+        weight = np.ascontiguousarray(codes.T.astype(np.int8))  # [K, N]
+        kind = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        w_name, q_scale = f"{b_name}.wo", f"{s_name}.wo"
+        w_tensor = helper.make_tensor(w_name, kind, weight.shape, weight.flatten().tolist())
+        new_inits += [w_tensor, numpy_helper.from_array(scales.T.copy(), q_scale)]
+        dropped.update((b_name, s_name))
+        deq = f"{node.output[0]}.w"
+        nodes.append(
+            helper.make_node("DequantizeLinear", [w_name, q_scale], [deq], axis=0, block_size=block)
+        )
+        nodes.append(helper.make_node("MatMul", [a_in, deq], [node.output[0]], name=node.name))
+    graph = model.graph
+    kept = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    kept_opsets = [o for o in model.opset_import if o.domain != "com.microsoft"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept_opsets)
+    model.ir_version = max(model.ir_version, 10)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_piece(model, dst.parent, dst.name)
+    return dst
+
+
+# -- the backend ------------------------------------------------------------
+
+
+@dataclass
+class _Sequence:
+    length: int = 0
+    kv: list[Any] = field(default_factory=list)
+    """torch CUDA tensors: past_key, past_value for each layer, in order."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TensorRtBackend(Backend):
+    """A layer range of an edgemesh package as a TensorRT engine on one NVIDIA GPU."""
+
+    name = "tensorrt"
+    module = "tensorrt"
+    extra = "tensorrt"
+    capabilities = Capabilities(
+        partial_ranges=True,
+        precisions=PRECISIONS,
+        artifact_format="onnx",
+        max_batch=MAX_BATCH,
+        needs_compiled_artifact=True,
+        devices=("cuda",),
+    )
+
+    @classmethod
+    def available(cls) -> str | None:
+        reason = super().available()
+        if reason is not None:
+            return reason
+        if importlib.util.find_spec("torch") is None:
+            return "TensorRT buffers are torch CUDA tensors: pip install torch (a CUDA build)"
+        if not nvidia_gpu_present():
+            return "no NVIDIA GPU here (no /proc/driver/nvidia/gpus, no /dev/nvidia0)"
+        return None
+
+    def __init__(self, shard: ShardSpec, options: Any = None) -> None:
+        super().__init__(shard, options)
+        reason = self.available()
+        if reason is not None:
+            raise BackendUnavailableError(f"TensorRT cannot run here: {reason}")
+        self._trt = require("tensorrt", "tensorrt")
+        self._torch = require("torch", "convert")
+        if not self._torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "torch has no CUDA here", hint="install a CUDA build of torch next to TensorRT"
+            )
+        from edgemesh.sharding.package import default_cache_dir, open_package
+
+        package = open_package(shard.model)
+        if package.num_layers != shard.num_layers:
+            raise ConfigError(
+                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
+            )
+        start, stop = shard.layers.start, shard.layers.stop
+        package.check_range(start, stop, shard.precision)
+        extra = package.manifest.extra
+        self.hidden_size = package.manifest.hidden_size
+        self.vocab_size = package.manifest.vocab_size
+        self._kv_heads = int(extra["kv_heads"])
+        self._head_dim = int(extra["head_dim"])
+        self.context_length = min(
+            self.options.context_length or package.manifest.context_length,
+            package.manifest.context_length,
+        )
+        self.max_sequences = max(1, self.options.max_sequences)
+        self._first, self._last = shard.is_first, shard.is_last
+        self._layers = list(range(start, stop))
+        index = int(self.options.device.partition(":")[2] or 0)
+        self._device = self._torch.device("cuda", index)
+        cache = Path(self.options.cache_dir or default_cache_dir())
+        # fp16 is a builder flag on the fp32 graph; int8/int4 start from their pieces.
+        source = "fp32" if shard.precision in ("fp32", "fp16") else shard.precision
+        graph = package.range_graph(start, stop, source, cache)
+        if shard.precision in ("int8", "int4"):
+            graph = self._weight_only(graph, cache)
+        self._engine = self._load_engine(graph, cache / "tensorrt")
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise ShardLoadError("TensorRT could not create an execution context (GPU memory?)")
+        self._stream = self._torch.cuda.Stream(device=self._device)
+        self._seqs: dict[int, _Sequence] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- engine build / cache -------------------------------------------
+
+    def _weight_only(self, graph: Path, cache: Path) -> Path:
+        out = graph.parent / "weight_only" / "range.onnx"
+        if not out.is_file():
+            weight_only_graph(graph, out)
+        return out
+
+    def _profile_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        ctx, chunk, kvh, d = self.context_length, PREFILL_CHUNK, self._kv_heads, self._head_dim
+        shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        if self._first:
+            shapes["input_ids"] = ((1, 1), (1, 1), (MAX_BATCH, chunk))
+        else:
+            h = self.hidden_size
+            shapes["hidden_in"] = ((1, 1, h), (1, 1, h), (MAX_BATCH, chunk, h))
+        shapes["position_ids"] = ((1, 1), (1, 1), (MAX_BATCH, chunk))
+        for layer in self._layers:
+            for kind in ("past_key", "past_value"):
+                shapes[f"{kind}.{layer}"] = (
+                    (1, kvh, 0, d),
+                    (1, kvh, ctx // 2, d),
+                    (MAX_BATCH, kvh, ctx - 1, d),
+                )
+        if self._last:
+            shapes["logit_index"] = ((1,), (1,), (chunk,))
+        return shapes
+
+    def _cache_key(self, graph: Path) -> str:
+        torch = self._torch
+        props = torch.cuda.get_device_properties(self._device)
+        blob = json.dumps(
+            {
+                "format": ENGINE_FORMAT,
+                "gpu": props.name,
+                "cc": [props.major, props.minor],
+                "tensorrt": self._trt.__version__,
+                "graph": _sha256(graph),
+                "data": (graph.parent / "range.json").read_text()
+                if (graph.parent / "range.json").is_file()
+                else _sha256(graph.with_name(graph.name + ".data")),
+                "precision": self.shard.precision,
+                "profile": self._profile_shapes(),
+            },
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+    def _load_engine(self, graph: Path, cache: Path) -> Any:
+        trt = self._trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        path = cache / f"{self._cache_key(graph)}.engine"
+        if path.is_file():
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise CorruptArtifactError(str(path), "TensorRT could not deserialize it")
+            log.info("tensorrt: engine cache hit %s", path.name)
+            return engine
+        blob = self._build(graph, logger)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        engine = runtime.deserialize_cuda_engine(blob)
+        if engine is None:
+            raise ShardLoadError(f"TensorRT built an engine it cannot load ({path})")
+        return engine
+
+    def _build(self, graph: Path, logger: Any) -> bytes:
+        trt = self._trt
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TRT 10
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(graph)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ShardLoadError(
+                f"TensorRT's ONNX parser rejected layers {self.shard.layers}: {errors}"
+            )
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        if self.shard.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in self._profile_shapes().items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        log.info("tensorrt: building layers %s at %s", self.shard.layers, self.shard.precision)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise ShardLoadError(
+                f"TensorRT could not build an engine for layers {self.shard.layers} "
+                f"({self.shard.precision}); see the TensorRT log above"
+            )
+        return bytes(blob)
+
+    # -- contract ---------------------------------------------------------
+
+    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
+        with self._lock:
+            if self._closed:
+                raise InferenceError("the TensorRT backend is closed")
+            return [self._one(item) for item in batch]
+
+    def release(self, seq_id: int) -> None:
+        with self._lock:
+            self._seqs.pop(seq_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._seqs.clear()
+            self._context = None
+            self._engine = None
+
+    def kv_bytes(self) -> int:
+        """Device bytes held in the KV tensors of every live sequence."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for s in self._seqs.values() for t in s.kv)
+
+    # -- internals --------------------------------------------------------
+
+    def _state(self, item: SeqInput) -> _Sequence:
+        torch = self._torch
+        state = self._seqs.get(item.seq_id)
+        if state is None:
+            if len(self._seqs) >= self.max_sequences:
+                raise InferenceError(
+                    f"all {self.max_sequences} sequence slots are busy",
+                    hint="release finished sequences or raise max_sequences",
+                )
+            shape = (1, self._kv_heads, 0, self._head_dim)
+            empty = [torch.empty(shape, dtype=torch.float32, device=self._device)]
+            state = _Sequence(0, empty * (2 * len(self._layers)))
+            self._seqs[item.seq_id] = state
+        if item.start_pos < state.length:
+            state.kv = [t[:, :, : item.start_pos].contiguous() for t in state.kv]
+            state.length = item.start_pos
+        elif item.start_pos > state.length:
+            raise InferenceError(
+                f"sequence {item.seq_id} starts at position {item.start_pos} but only "
+                f"{state.length} tokens are cached on layers {self.shard.layers}"
+            )
+        return state
+
+    def _one(self, item: SeqInput) -> np.ndarray:
+        n = item.length
+        if n < 1:
+            raise InferenceError("a forward call needs at least one new token")
+        if item.start_pos + n > self.context_length:
+            raise ContextOverflowError(
+                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
+                f"is {self.context_length}"
+            )
+        if self._first and item.tokens is None:
+            raise InferenceError(f"layers {self.shard.layers} start the model: send token ids")
+        if not self._first and item.hidden is None:
+            raise InferenceError(f"layers {self.shard.layers} take hidden states, not tokens")
+        state = self._state(item)
+        data = item.tokens if self._first else item.hidden
+        assert data is not None
+        outs = []
+        for begin in range(0, n, PREFILL_CHUNK):
+            piece = data[begin : begin + PREFILL_CHUNK]
+            last_chunk = begin + PREFILL_CHUNK >= n
+            want = item.logits == "all" or last_chunk
+            outs.append(self._run(state, piece, item.start_pos + begin, item.logits, want))
+        if self._last:
+            kept = [o for o in outs if o is not None]
+            return np.concatenate(kept) if item.logits == "all" else kept[-1]
+        return np.concatenate(outs)
+
+    def _run(
+        self, state: _Sequence, piece: np.ndarray, pos: int, logits: str, want: bool
+    ) -> np.ndarray | None:
+        # Everything (copies in, the engine, allocations) is queued on one stream,
+        # so no cross-stream synchronisation is needed until the final host copy.
+        with self._torch.cuda.stream(self._stream):
+            return self._run_on_stream(state, piece, pos, logits, want)
+
+    def _run_on_stream(
+        self, state: _Sequence, piece: np.ndarray, pos: int, logits: str, want: bool
+    ) -> np.ndarray | None:
+        torch, ctx = self._torch, self._context
+        n = int(piece.shape[0])
+        dev = self._device
+        inputs: dict[str, Any] = {}
+        if self._first:
+            inputs["input_ids"] = torch.as_tensor(np.asarray(piece, np.int64)[None]).to(dev)
+        else:
+            hidden = np.asarray(piece, np.float32)
+            if hidden.shape != (n, self.hidden_size):
+                raise InferenceError(
+                    f"hidden states of shape {hidden.shape}; layers {self.shard.layers} "
+                    f"take [{n}, {self.hidden_size}]"
+                )
+            inputs["hidden_in"] = torch.as_tensor(hidden[None]).to(dev)
+        inputs["position_ids"] = torch.arange(pos, pos + n, dtype=torch.int64, device=dev)[None]
+        if self._last:
+            rows = torch.arange(n) if logits == "all" else torch.tensor([n - 1])
+            inputs["logit_index"] = rows.to(dtype=torch.int64, device=dev)
+        for j, layer in enumerate(self._layers):
+            inputs[f"past_key.{layer}"] = state.kv[2 * j]
+            inputs[f"past_value.{layer}"] = state.kv[2 * j + 1]
+        try:
+            for name, tensor in inputs.items():
+                ctx.set_input_shape(name, tuple(tensor.shape))
+                ctx.set_tensor_address(name, tensor.data_ptr())
+            outputs: dict[str, Any] = {}
+            names = ["logits" if self._last else "hidden_out"]
+            for layer in self._layers:
+                names += [f"present_key.{layer}", f"present_value.{layer}"]
+            for name in names:
+                shape = tuple(ctx.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=torch.float32, device=dev)
+                ctx.set_tensor_address(name, outputs[name].data_ptr())
+            if not ctx.execute_async_v3(self._stream.cuda_stream):
+                raise InferenceError("TensorRT's execute_async_v3 returned false")
+            self._stream.synchronize()
+        except (RuntimeError, TypeError) as exc:
+            raise InferenceError(
+                f"TensorRT failed on layers {self.shard.layers} at position {pos}: {exc}"
+            ) from exc
+        state.kv = [outputs[name] for name in names[1:]]
+        state.length = pos + n
+        if self._last and not want:
+            return None
+        return outputs[names[0]][0].cpu().numpy()  # [n, H] or [rows, V]
+
+
+BACKEND = TensorRtBackend

@@ -1,0 +1,263 @@
+"""One conformance suite for every registered backend.
+
+Parametrized over ``registry.all_backends()``: a backend whose
+``available()`` gives a reason shows up as skipped with that reason
+(TensorRT without an NVIDIA GPU, RKNN off an aarch64 board). What a test
+requires is read from ``Capabilities``, never from the backend's name:
+
+* ``artifact_format == "onnx"``: the tiny llama package (4 layers) from
+  ``tests/fixtures``; ``"gguf"``: the default model's GGUF.
+* ``partial_ranges``: "the model as one shard == the model as two shards"
+  and both against transformers' fp32 logits. Tolerances, as the largest
+  absolute logit error relative to the reference's largest logit
+  (``REL_TOL``): fp32 1e-5, fp16 1e-3, int8 5e-2, int4 0.5 (int4 of a
+  random 64-wide model is coarse; the bound is 2x what was measured).
+  One shard vs two shards of the same backend and precision: 1e-5.
+
+KV release is measured two ways: the process RSS while filling sequences
+again after releasing the first set must grow by less than half of what
+the first fill grew, and (where the backend reports it) ``kv_bytes()``
+falls to 0. Sequence lengths are chosen so that a release that kept the
+cache would also run out of room.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgemesh.backends import registry
+from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
+from edgemesh.errors import CorruptArtifactError, InferenceError, ModelNotFoundError
+from tests.fixtures.backend_models import (
+    CONFORMANCE_ARCH,
+    corrupt_copy,
+    fp32_reference,
+    truncated_copy,
+)
+from tests.fixtures.tiny_models import shared_tiny_package
+
+REL_TOL = {"fp32": 1e-5, "fp16": 1e-3, "int8": 5e-2, "int4": 0.5}
+SPLIT_TOL = 1e-5
+
+
+def _params() -> list[Any]:
+    out = []
+    for name, cls in registry.all_backends().items():
+        reason = cls.available()
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        if cls.capabilities.artifact_format == "gguf":
+            marks.append(pytest.mark.llamacpp)
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@dataclass
+class Subject:
+    """A backend class and the model it is tested on."""
+
+    cls: type
+    model: Path
+    num_layers: int
+    precision: str
+    cache: Path
+
+    @property
+    def caps(self) -> Any:
+        return self.cls.capabilities
+
+    def open(self, start: int = 0, stop: int | None = None, precision: str | None = None,
+             **opts: Any) -> Any:  # fmt: skip
+        spec = ShardSpec(
+            self.model,
+            LayerRange(start, self.num_layers if stop is None else stop),
+            self.num_layers,
+            precision or self.precision,
+        )
+        base = {"threads": 1, "cache_dir": self.cache, "max_sequences": 4}
+        return self.cls(spec, BackendOptions(**(base | opts)))
+
+
+@pytest.fixture(scope="session")
+def onnx_package() -> Path:
+    return shared_tiny_package(CONFORMANCE_ARCH)
+
+
+@pytest.fixture(params=_params())
+def subject(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Subject:
+    cls = registry.get(request.param)
+    cache = tmp_path_factory.mktemp(f"cache-{request.param}")
+    if cls.capabilities.artifact_format == "gguf":
+        from edgemesh.backends.llamacpp import gguf_layer_count
+
+        gguf = request.getfixturevalue("default_gguf")
+        return Subject(cls, gguf, gguf_layer_count(gguf), "int4", cache)
+    package = request.getfixturevalue("onnx_package")
+    from edgemesh.sharding.package import open_package
+
+    precision = "fp32" if "fp32" in cls.capabilities.precisions else cls.capabilities.precisions[0]
+    return Subject(cls, package, open_package(package).num_layers, precision, cache)
+
+
+def _ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(5, 300, size=n).astype(np.int64)
+
+
+def _rss() -> int:
+    """Resident bytes after handing free heap pages back to the OS.
+
+    Without the trim, memory freed by earlier tests in the same process sits
+    in malloc's free lists and hides the growth this suite measures.
+    """
+    import ctypes
+    import ctypes.util
+
+    import psutil
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:  # glibc only
+            trim(0)
+    return int(psutil.Process().memory_info().rss)
+
+
+def test_registry_entry_is_complete(subject: Subject) -> None:
+    cls = subject.cls
+    assert cls.name in registry.names() and cls.extra and cls.module
+    assert cls.capabilities.artifact_format in ("onnx", "gguf")
+    assert cls.capabilities.precisions and cls.capabilities.max_batch >= 1
+
+
+def test_output_shapes_and_dtypes(subject: Subject) -> None:
+    """Two sequences of different lengths in one call; a decode step after."""
+    with subject.open() as whole:
+        a, b = whole.forward([SeqInput(1, 0, tokens=_ids(5)), SeqInput(2, 0, tokens=_ids(3, 1))])
+        vocab = a.shape[1]
+        assert a.shape == b.shape == (1, vocab) and a.dtype == b.dtype == np.float32
+        assert np.isfinite(a).all()
+        full = whole.forward([SeqInput(3, 0, tokens=_ids(4), logits="all")])[0]
+        assert full.shape == (4, vocab) and full.dtype == np.float32
+        step = whole.forward([SeqInput(1, 5, tokens=_ids(1, 2))])[0]
+        assert step.shape == (1, vocab)
+    if subject.caps.partial_ranges:
+        with subject.open(0, 1) as first:
+            hidden = first.forward([SeqInput(1, 0, tokens=_ids(5))])[0]
+        assert hidden.ndim == 2 and hidden.shape[0] == 5 and hidden.dtype == np.float32
+
+
+def _split_logits(subject: Subject, precision: str, ids: np.ndarray, cut: int) -> tuple:
+    """(whole, split) logits ``[S, V]``: prefill of ids[:-3], then 3 decode steps."""
+    outs = []
+    for ranges in ([(0, subject.num_layers)], [(0, cut), (cut, subject.num_layers)]):
+        shards = [subject.open(a, b, precision) for a, b in ranges]
+        try:
+            rows = []
+            steps = [(0, ids[:-3])] + [(p, ids[p : p + 1]) for p in range(len(ids) - 3, len(ids))]
+            for pos, piece in steps:
+                x: np.ndarray = piece
+                for k, shard in enumerate(shards):
+                    item = (SeqInput(0, pos, tokens=x, logits="all") if k == 0
+                            else SeqInput(0, pos, hidden=x, logits="all"))  # fmt: skip
+                    x = shard.forward([item])[0]
+                rows.append(x)
+            outs.append(np.concatenate(rows))
+        finally:
+            for shard in shards:
+                shard.close()
+    return outs[0], outs[1]
+
+
+def test_one_shard_equals_two_shards_near_fp32_reference(subject: Subject) -> None:
+    if not subject.caps.partial_ranges:
+        pytest.skip(f"{subject.cls.name} runs whole models only (Capabilities.partial_ranges)")
+    from edgemesh.sharding.package import open_package
+
+    ids = _ids(12, 5)
+    ref = fp32_reference(subject.model, ids)  # [12, V]
+    scale = float(np.abs(ref).max())
+    have = set(open_package(subject.model).precisions)
+    for precision in [p for p in subject.caps.precisions if p in have]:
+        whole, split = _split_logits(subject, precision, ids, subject.num_layers // 2)
+        assert whole.shape == split.shape == ref.shape
+        np.testing.assert_allclose(split, whole, atol=SPLIT_TOL * scale, rtol=0)
+        err = float(np.abs(whole - ref).max()) / scale
+        assert err < REL_TOL[precision], f"{precision}: relative error {err:.2e}"
+
+
+def test_whole_model_ranks_like_itself_after_replay(subject: Subject) -> None:
+    """Re-sending a sequence from position 0 (a replay) gives the first answer again."""
+    ids = _ids(8, 9)
+    with subject.open() as whole:
+        first = whole.forward([SeqInput(4, 0, tokens=ids)])[0]
+        whole.forward([SeqInput(4, 8, tokens=_ids(2, 3))])
+        again = whole.forward([SeqInput(4, 0, tokens=ids)])[0]
+    np.testing.assert_allclose(again, first, atol=1e-4 * float(np.abs(first).max()), rtol=0)
+
+
+def test_release_frees_kv_memory(subject: Subject) -> None:
+    gguf = subject.caps.artifact_format == "gguf"
+    # llama.cpp: 4 streams of 256 cells; 160-token sequences cannot fit twice.
+    # ONNX runtimes: 64 sequences x 448 tokens x 4 layers x 1 KiB = 28 MiB of cache, more
+    # than the allocator keeps spare after loading.
+    count, length, ctx = (4, 160, 256) if gguf else (64, 448, 512)
+    with subject.open(max_sequences=count, context_length=ctx) as backend:
+        backend.forward([SeqInput(100, 0, tokens=_ids(length, 99))])  # warm-up allocations
+        backend.release(100)
+        base = _rss()
+        for s in range(count):
+            backend.forward([SeqInput(s, 0, tokens=_ids(length, s))])
+        filled = _rss()
+        reported = backend.kv_bytes() if hasattr(backend, "kv_bytes") else None
+        with pytest.raises(InferenceError):  # every slot is taken
+            backend.forward([SeqInput(count + 1, 0, tokens=_ids(2))])
+        for s in range(count):
+            backend.release(s)
+        if reported is not None:
+            assert reported > 0 and backend.kv_bytes() == 0
+        for s in range(count, 2 * count):
+            backend.forward([SeqInput(s, 0, tokens=_ids(length, s))])
+        refilled = _rss()
+    grew, regrew = filled - base, refilled - filled
+    if not gguf:  # llama.cpp allocates its cache up front; its check is the refill itself
+        assert grew > 8 << 20, f"filling {count} sequences grew RSS by only {grew} bytes"
+        assert regrew < grew / 2, f"refill after release grew {regrew} B (first fill {grew} B)"
+
+
+def test_close_is_idempotent_and_final(subject: Subject) -> None:
+    backend = subject.open()
+    backend.forward([SeqInput(0, 0, tokens=_ids(3))])
+    backend.close()
+    backend.close()
+    backend.release(0)  # unknown or closed: ignored
+    with pytest.raises(InferenceError):
+        backend.forward([SeqInput(0, 3, tokens=_ids(1))])
+
+
+def test_corrupt_artifact_raises_typed_error(subject: Subject, tmp_path: Path) -> None:
+    if subject.caps.artifact_format == "gguf":
+        bad = truncated_copy(subject.model, tmp_path / "cut.gguf")
+        junk = tmp_path / "junk.gguf"
+        junk.write_bytes(b"NOPE" + bytes(64))
+        for path in (bad, junk):
+            with pytest.raises(CorruptArtifactError):
+                subject.cls(ShardSpec(path, LayerRange(0, subject.num_layers), subject.num_layers))
+        return
+    bad = corrupt_copy(subject.model, tmp_path / "pkg", f"{subject.precision}/layer_001.onnx.data")
+    spec = ShardSpec(bad, LayerRange(0, subject.num_layers), subject.num_layers, subject.precision)
+    with pytest.raises(CorruptArtifactError) as info:
+        subject.cls(spec, BackendOptions(threads=1, cache_dir=tmp_path / "cache"))
+    assert "layer_001.onnx.data" in str(info.value)
+
+
+def test_missing_model_raises_typed_error(subject: Subject, tmp_path: Path) -> None:
+    missing = tmp_path / ("nothing.gguf" if subject.caps.artifact_format == "gguf" else "nothing")
+    spec = ShardSpec(missing, LayerRange(0, subject.num_layers), subject.num_layers)
+    with pytest.raises(ModelNotFoundError):
+        subject.cls(spec, BackendOptions(threads=1, cache_dir=tmp_path))
