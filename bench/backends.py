@@ -44,17 +44,33 @@ RESULTS = Path("bench/results")
 
 
 def run(
-    package: Path, gguf: Path | None, tokens: int, threads: int, repeats: int, out: Path | None
+    package: Path | None,
+    gguf: Path | None,
+    tokens: int,
+    threads: int,
+    repeats: int,
+    out: Path | None,
+    backends: tuple[str, ...] = ("onnxruntime", "openvino"),
 ) -> dict[str, Any]:
+    """llama-cpp-python (the reference), edgemesh's llamacpp backend and, given a
+    package, each ONNX-path backend installed here at int4 and int8."""
     from edgemesh import models
-    from edgemesh.sharding.package import open_package
+    from edgemesh.backends import registry
 
-    pkg = open_package(package)
     gguf = gguf or models.resolve(None).path
-    prompt = pkg.tokenizer().encode(PROMPT)
-    quantised = [p for p in ("int4", "int8") if p in pkg.precisions]
     jobs = [("llama-cpp-python", "int4"), ("llamacpp", "int4")]
-    jobs += [(b, p) for b in ("onnxruntime", "openvino") for p in quantised]
+    if package is not None:
+        from edgemesh.sharding.package import open_package
+
+        pkg = open_package(package)
+        name, prompt = pkg.manifest.name, pkg.tokenizer().encode(PROMPT)
+        quantised = [p for p in ("int4", "int8") if p in pkg.precisions]
+        usable = [b for b in backends if registry.get(b).available() is None]
+        jobs += [(b, p) for b in usable for p in quantised]
+    else:
+        from edgemesh.backends.llamacpp import GgufTokenizer
+
+        name, prompt = gguf.stem, GgufTokenizer(gguf).encode(PROMPT)
     runs: dict[str, Any] = {}
     for backend, precision in jobs:
         key = backend if backend.startswith("llama") else f"{backend}:{precision}"
@@ -68,11 +84,12 @@ def run(
         for k, v in runs.items()
     }
     onnx_runs = {k: v for k, v in runs.items() if ":" in k}
-    best = max(onnx_runs, key=lambda k: onnx_runs[k]["decode_tokens_per_s"])
+    best = max(onnx_runs, key=lambda k: onnx_runs[k]["decode_tokens_per_s"], default=None)
     result = {
-        "model": pkg.manifest.name,
-        "package": str(package),
+        "model": name,
+        "package": str(package) if package else None,
         "gguf": str(gguf),
+        "prompt_ids": prompt,
         "prompt_tokens": len(prompt),
         "tokens": tokens,
         "threads": threads,
@@ -82,10 +99,11 @@ def run(
             "cores": os.cpu_count(),
             "python": platform.python_version(),
         },
+        "command": "python -m edgemesh.bench.backends " + " ".join(sys.argv[1:]),
         "runs": runs,
         "ratios_vs_llama_cpp_python": ratios,
         "best_onnx_path": best,
-        "best_onnx_decode_ratio": ratios[best]["decode"],
+        "best_onnx_decode_ratio": ratios[best]["decode"] if best else None,
         "target_decode_ratio": 0.8,
     }
     target = out or RESULTS / "backends.json"
@@ -106,16 +124,17 @@ def render(result: dict[str, Any]) -> str:
             f"{name:<22}{r['decode_tokens_per_s']:>13.1f}{r['ttft_ms']:>10.1f}"
             f"{ratio['decode']:>10.3f}{ratio['ttft']:>9.3f}"
         )
-    lines.append(
-        f"best ONNX path {result['best_onnx_path']}: {result['best_onnx_decode_ratio']:.3f}x "
-        f"llama-cpp-python decode (target {result['target_decode_ratio']})"
-    )
+    if result["best_onnx_path"]:
+        lines.append(
+            f"best ONNX path {result['best_onnx_path']}: {result['best_onnx_decode_ratio']:.3f}x "
+            f"llama-cpp-python decode (target {result['target_decode_ratio']})"
+        )
     return "\n".join(lines)
 
 
 def _spawn(
     backend: str,
-    package: Path,
+    package: Path | None,
     gguf: Path,
     precision: str,
     prompt: list[int],
@@ -125,7 +144,7 @@ def _spawn(
 ) -> dict[str, Any]:
     job = {
         "backend": backend,
-        "package": str(package),
+        "package": str(package) if package else None,
         "gguf": str(gguf),
         "precision": precision,
         "prompt": prompt,
@@ -147,7 +166,7 @@ def _spawn(
 # -- workers (one per subprocess) ---------------------------------------------
 
 
-def _summary(samples: list[tuple[float, float, int]], load_s: float) -> dict[str, Any]:
+def summary(samples: list[tuple[float, float, int]], load_s: float) -> dict[str, Any]:
     """samples: (ttft_s, decode_s, tokens generated) per repeat."""
     rates = [(n - 1) / d for _, d, n in samples if n > 1 and d > 0]
     import resource
@@ -185,7 +204,7 @@ def _edgemesh_worker(job: dict[str, Any]) -> dict[str, Any]:
             samples.append((g.seconds_prefill, g.seconds_decode, len(g.token_ids)))
     finally:
         pipe.close()
-    return {**_summary(samples, load_s), "precision": job["precision"]}
+    return {**summary(samples, load_s), "precision": job["precision"]}
 
 
 def _llama_cpp_python_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +249,7 @@ def _llama_cpp_python_worker(job: dict[str, Any]) -> dict[str, Any]:
         end = time.perf_counter()
         if i > 0:  # the first pass warms up like the edgemesh workers'
             samples.append((first - start, end - first, n))
-    return {**_summary(samples, load_s), "precision": "q4_k_m"}
+    return {**summary(samples, load_s), "precision": "q4_k_m"}
 
 
 def main(argv: list[str] | None = None) -> None:

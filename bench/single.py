@@ -1,20 +1,19 @@
 """Figure 1: one box, the default model — edgemesh against llama-cpp-python.
 
-Each engine runs in its own subprocess (so peak RSS is its own and no two
-models share the cores), decodes the same prompt greedily with the same
-thread count, and reports time-to-first-token and decode tokens/s (tokens
-after the first, over the time after the first). The median of
-``repeats`` runs is kept. Reference: llama-cpp-python's own high-level
-``Llama.create_completion`` on the same GGUF.
+The engine figures come from ``bench/backends.py`` (each engine in its own
+subprocess, so peak RSS is its own and no two models share the cores; same
+prompt ids, same thread count, greedy; median of ``repeats``): the
+reference is llama-cpp-python's own API on the GGUF; edgemesh runs its
+llamacpp backend on the same GGUF and every installed ONNX-path backend on
+the converted package at int4 and int8. On top, the whole HTTP path: the
+gateway streaming a completion from the llamacpp backend, as `edgemesh serve`
+does. ``ratio`` is the best ONNX-path backend's decode speed over llama.cpp's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
 import threading
@@ -22,38 +21,59 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROMPT = "The history of the printing press begins"
+from edgemesh.bench import backends
+
 RESULTS = Path("bench/results")
 
 
 def run(
-    *, model: str | None, tokens: int, threads: int | None, repeats: int, out: Path | None
+    *,
+    model: str | None,
+    package: Path | None,
+    tokens: int,
+    threads: int | None,
+    repeats: int,
+    out: Path | None,
+    onnx: bool = True,
 ) -> dict[str, Any]:
     from edgemesh import models
+    from edgemesh.errors import ConfigError
 
     source = models.resolve(model)
+    if source.kind != "gguf":
+        raise ConfigError("--model must be a GGUF file (llama.cpp is the reference)")
     threads = threads or len(os.sched_getaffinity(0))
-    runs: dict[str, Any] = {}
-    for worker in ("llamacpp-direct", "gateway-llamacpp"):
-        runs[worker] = _spawn(worker, source.path, tokens, threads, repeats)
-    ref = runs["llamacpp-direct"]["decode_tokens_per_s"]
+    if onnx and package is None:
+        if model not in (None, models.DEFAULT_MODEL):
+            raise ConfigError("pass --package: the ONNX package converted from --model")
+        package = models.default_package()
+    base = backends.run(
+        package if onnx else None, source.path, tokens, threads, repeats, RESULTS / "backends.json"
+    )
+    runs = dict(base["runs"])
+    runs["gateway-llamacpp"] = _spawn_gateway(
+        source.path, base["prompt_ids"], tokens, threads, repeats
+    )
+    ref = runs["llama-cpp-python"]["decode_tokens_per_s"]
     gateway = runs["gateway-llamacpp"]["decode_tokens_per_s"]
-    onnx = {k: v for k, v in runs.items() if k.startswith("onnx:")}
-    best = max(onnx.items(), key=lambda kv: kv[1]["decode_tokens_per_s"], default=None)
+    best = base["best_onnx_path"]
     result: dict[str, Any] = {
         "model": source.name,
+        "package": base["package"],
+        "prompt_tokens": base["prompt_tokens"],
         "tokens": tokens,
         "threads": threads,
         "repeats": repeats,
-        "machine": _machine(),
+        "machine": base["machine"],
         "command": "edgemesh bench single " + " ".join(sys.argv[3:]),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "runs": runs,
         "llamacpp_tokens_per_s": ref,
         "gateway_tokens_per_s": gateway,
         "gateway_ratio": round(gateway / ref, 3),
-        "edgemesh_tokens_per_s": best[1]["decode_tokens_per_s"] if best else gateway,
-        "backend": best[0].split(":")[1] if best else "llamacpp",
-        "precision": best[1]["precision"] if best else "q4_k_m",
+        "edgemesh_tokens_per_s": runs[best]["decode_tokens_per_s"] if best else gateway,
+        "backend": best.split(":")[0] if best else "llamacpp",
+        "precision": best.split(":")[1] if best else "q4_k_m",
     }
     result["ratio"] = round(result["edgemesh_tokens_per_s"] / ref, 3)
     target = out or RESULTS / "single.json"
@@ -64,103 +84,37 @@ def run(
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        f"model {result['model']}, {result['tokens']} tokens, {result['threads']} threads",
-        f"{'engine':<22}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}",
+        f"model {result['model']}, {result['prompt_tokens']}-token prompt, {result['tokens']} "
+        f"tokens, {result['threads']} threads, median of {result['repeats']}",
+        f"{'engine':<22}{'precision':>10}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}",
     ]
     for name, r in result["runs"].items():
         lines.append(
-            f"{name:<22}{r['decode_tokens_per_s']:>14.1f}{r['ttft_ms']:>10.1f}"
-            f"{r['peak_rss_mb']:>13.0f}"
+            f"{name:<22}{r['precision']:>10}{r['decode_tokens_per_s']:>14.1f}"
+            f"{r['ttft_ms']:>10.1f}{r['peak_rss_mb']:>13.0f}"
         )
-    lines.append(f"gateway / llama.cpp = {result['gateway_ratio']:.3f}")
-    lines.append(f"edgemesh ({result['backend']}) / llama.cpp = {result['ratio']:.3f}")
+    lines.append(f"gateway (HTTP, llamacpp) / llama.cpp = {result['gateway_ratio']:.3f}")
+    lines.append(
+        f"edgemesh best ONNX path ({result['backend']} {result['precision']}) / llama.cpp = "
+        f"{result['ratio']:.3f}"
+    )
     return "\n".join(lines)
 
 
-def _machine() -> dict[str, Any]:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "system": platform.platform(),
-    }
-
-
-def _spawn(worker: str, model: Path, tokens: int, threads: int, repeats: int) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgemesh.bench.single",
-        worker,
-        str(model),
-        str(tokens),
-        str(threads),
-        str(repeats),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+def _spawn_gateway(
+    gguf: Path, prompt: list[int], tokens: int, threads: int, repeats: int
+) -> dict[str, Any]:
+    job = {"gguf": str(gguf), "prompt": prompt, "tokens": tokens, "threads": threads}
+    job["repeats"] = repeats
+    cmd = [sys.executable, "-m", "edgemesh.bench.single", json.dumps(job)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench worker {worker} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"bench worker gateway-llamacpp failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _summarise(samples: list[tuple[float, float, int]]) -> dict[str, Any]:
-    """samples: (ttft_s, decode_s, tokens) per repeat -> medians."""
-    rates = [(n - 1) / d for _, d, n in samples if n > 1 and d > 0]
-    return {
-        "ttft_ms": round(1000 * statistics.median(t for t, _, _ in samples), 2),
-        "decode_tokens_per_s": round(statistics.median(rates), 2) if rates else 0.0,
-        "tokens_generated": [n for _, _, n in samples],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-
-
-def _timed(stream: Any) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    first = last = None
-    n = 0
-    for _ in stream:
-        last = time.perf_counter()
-        if first is None:
-            first = last
-        n += 1
-    assert first is not None and last is not None, "the engine produced no tokens"
-    return first - start, last - first, n
-
-
-def _llamacpp_direct(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, Any]:
-    import llama_cpp.llama_cpp as lib
-    from llama_cpp import Llama
-
-    from edgemesh.backends.llamacpp import extra_buffers_safe
-
-    # Llama() takes its model parameters from llama_model_default_params(); give
-    # it the CPU-safe choice edgemesh's backend loads with (see
-    # extra_buffers_safe), so both sides run the same kernels.
-    default_params = lib.llama_model_default_params
-
-    def safe_params() -> Any:
-        params = default_params()
-        params.use_extra_bufts = extra_buffers_safe()
-        return params
-
-    lib.llama_model_default_params = safe_params
-    llm = Llama(
-        str(model),
-        n_ctx=2048,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=512,
-        verbose=False,
-    )
-    samples = []
-    for _ in range(repeats):
-        llm.reset()
-        stream = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, stream=True)
-        samples.append(_timed(stream))
-    return {**_summarise(samples), "precision": "q4_k_m"}
-
-
-def _gateway(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, Any]:
+def _gateway_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Stream completions over HTTP from a gateway in this process."""
     import socket
 
     import httpx
@@ -170,10 +124,12 @@ def _gateway(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, 
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import ModelSource
 
+    t0 = time.perf_counter()
     service = load_service(
-        ModelSource("m", model, "gguf"),
-        LocalOptions(threads=threads, context_length=2048, max_sequences=4),
+        ModelSource("m", Path(job["gguf"]), "gguf"),
+        LocalOptions(threads=job["threads"], context_length=1024, max_sequences=4),
     )
+    load_s = time.perf_counter() - t0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -184,39 +140,31 @@ def _gateway(model: Path, tokens: int, threads: int, repeats: int) -> dict[str, 
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    body = {
-        "model": "m",
-        "prompt": PROMPT,
-        "max_tokens": tokens,
-        "temperature": 0.0,
-        "stream": True,
-    }
 
-    def stream() -> Any:
-        with httpx.stream(
-            "POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120
-        ) as resp:
+    def timed(max_tokens: int) -> tuple[float, float, int]:
+        body = {"model": "m", "prompt": job["prompt"], "max_tokens": max_tokens}
+        body |= {"temperature": 0.0, "stream": True, "ignore_eos": True}
+        start = time.perf_counter()
+        first = last = 0.0
+        n = 0
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=300) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
-                    yield line
+                    last = time.perf_counter()
+                    first = first or last
+                    n += 1
+        return first - start, last - first, n
 
     try:
-        samples = [_timed(stream()) for _ in range(repeats)]
+        timed(4)  # warm-up, as the other workers do
+        samples = [timed(job["tokens"]) for _ in range(job["repeats"])]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         service.close()
-    return {**_summarise(samples), "precision": "q4_k_m"}
-
-
-_WORKERS = {"llamacpp-direct": _llamacpp_direct, "gateway-llamacpp": _gateway}
-
-
-def _main(argv: list[str]) -> None:
-    worker, model, tokens, threads, repeats = argv
-    result = _WORKERS[worker](Path(model), int(tokens), int(threads), int(repeats))
-    print(json.dumps(result))
+    return {**backends.summary(samples, load_s), "precision": "q4_k_m"}
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    print(json.dumps(_gateway_worker(json.loads(sys.argv[1]))))

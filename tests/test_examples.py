@@ -49,3 +49,32 @@ def test_readme_curl_example_works(gateway_url: str) -> None:
         ["bash", "-c", command], capture_output=True, text=True, timeout=120, check=True
     )
     assert '"text_completion"' in out.stdout and '"choices"' in out.stdout
+
+
+def test_pi_jetson_example_plans_a_split(tmp_path: Path) -> None:
+    """The demo's `edgemesh plan` step on its boxes file, for a Qwen2.5-1.5B-shaped model."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgemesh.cli import app
+    from edgemesh.sharding.scenarios import synthetic_manifest
+
+    synthetic_manifest(
+        "qwen-1.5b-like", num_layers=28, hidden=1536, intermediate=8960, heads=12,
+        kv_heads=2, head_dim=128, vocab=151936, accuracy={"fp32": 0.0, "int8": 0.01},
+    ).save(tmp_path)  # fmt: skip
+    boxes = ROOT / "examples" / "pi_jetson" / "boxes.json"
+    result = CliRunner().invoke(
+        app, ["plan", "--model", str(tmp_path), "--boxes", str(boxes), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    by_box = {s["box"]: s for s in plan["stages"]}
+    # The GPU box is far faster, so it must get more layers than the Pi.
+    assert set(by_box) <= {"pi5-8gb", "orin-nano-8gb"} and "orin-nano-8gb" in by_box
+    if "pi5-8gb" in by_box:
+        pi, orin = by_box["pi5-8gb"]["layers"], by_box["orin-nano-8gb"]["layers"]
+        assert orin[1] - orin[0] > pi[1] - pi[0]
+    for baseline in plan["baselines"].values():
+        assert plan["bottleneck_ms"] <= baseline["bottleneck_ms"]

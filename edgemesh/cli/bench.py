@@ -18,9 +18,16 @@ app = typer.Typer(
 @app.command("single")
 def single(
     model: Annotated[str | None, typer.Option(help="A .gguf file; default: gemma-3-270m.")] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens to decode per run.")] = 128,
+    package: Annotated[
+        Path | None,
+        typer.Option(help="The ONNX package converted from --model; default: converted once."),
+    ] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx/--no-onnx", help="Also run the ONNX-path backends.")
+    ] = True,
+    tokens: Annotated[int, typer.Option(help="Tokens to decode per run.")] = 64,
     threads: Annotated[int | None, typer.Option(help="CPU threads (same for all).")] = None,
-    repeats: Annotated[int, typer.Option(help="Runs per engine; the median is kept.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Runs per engine; the median is kept.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -29,9 +36,31 @@ def single(
 
     with user_errors():
         result = bench_single.run(
-            model=model, tokens=tokens, threads=threads, repeats=repeats, out=out
+            model=model,
+            package=package,
+            tokens=tokens,
+            threads=threads,
+            repeats=repeats,
+            out=out,
+            onnx=onnx,
         )
     if json_out:
         print_json(result)
     else:
         typer.echo(bench_single.render(result))
+
+
+@app.command("pipeline")
+def pipeline(
+    model: Annotated[Path, typer.Option(help="A converted package folder (the router runs it).")],
+    hidden: Annotated[int, typer.Option(help="Hidden size of the per-hop payload.")] = 640,
+    tokens: Annotated[int, typer.Option(help="Greedy tokens per stream.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Round trips per data-plane figure.")] = 200,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+) -> None:
+    """Router: per-hop cost of 3 data planes; tokens/s through 1-3 stages x 1/4/16 streams."""
+    from edgemesh.bench import pipeline as bench_pipeline
+
+    with user_errors():
+        result = bench_pipeline.run(model, hidden=hidden, tokens=tokens, repeats=repeats, out=out)
+    print_json(result)
