@@ -23,6 +23,15 @@ ROOT = Path("/sys/fs/cgroup")
 _PERIOD_US = 100_000
 
 
+def own_group(controller: str) -> str:
+    """This process's group path in the hierarchy of ``controller`` ("" = v2)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if (controller == "" and names == "") or controller in names.split(","):
+            return path
+    return "/"
+
+
 def unavailable() -> str | None:
     """None when cgroups can be created here, else why not."""
     if os.geteuid() != 0:
@@ -56,9 +65,16 @@ class Limits:
         self.dirs: list[Path] = []
 
     def __enter__(self) -> Limits:
+        return self.create()
+
+    def create(self) -> Limits:
+        """Make the group and set its limits (``remove`` undoes it)."""
+        # Groups nest under this process's own group, so an emulated box can never
+        # get more than the caller has (and v2 containers only allow that anyway).
         if self.v2:
-            self._enable_v2_controllers()
-            path = ROOT / self.name
+            parent = ROOT / own_group("").lstrip("/")
+            self._enable_v2_controllers(parent)
+            path = parent / self.name
             path.mkdir()
             self.dirs = [path]
             if self.cpus is not None:
@@ -67,7 +83,8 @@ class Limits:
                 (path / "memory.max").write_text(str(self.memory_bytes))
                 (path / "memory.swap.max").write_text("0")
         else:
-            cpu, mem = ROOT / "cpu" / self.name, ROOT / "memory" / self.name
+            cpu = ROOT / "cpu" / own_group("cpu").lstrip("/") / self.name
+            mem = ROOT / "memory" / own_group("memory").lstrip("/") / self.name
             cpu.mkdir()
             mem.mkdir()
             self.dirs = [cpu, mem]
@@ -83,6 +100,11 @@ class Limits:
         joins = "; ".join(f"echo $$ > {shlex.quote(str(d / 'cgroup.procs'))}" for d in self.dirs)
         return ["sh", "-c", f'{joins}; exec "$@"', "sh", *argv]
 
+    def enter(self) -> None:
+        """Move the calling process into the group (e.g. from a ``preexec_fn``)."""
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+
     def pids(self) -> set[int]:
         found: set[int] = set()
         for d in self.dirs:
@@ -93,6 +115,10 @@ class Limits:
         return found
 
     def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Kill whatever is still inside, then delete the group."""
         deadline = time.monotonic() + 10
         while (pids := self.pids()) and time.monotonic() < deadline:
             for pid in pids:
@@ -102,16 +128,27 @@ class Limits:
                     pass
             time.sleep(0.05)
         for d in self.dirs:
-            try:
-                d.rmdir()
-            except OSError:
-                time.sleep(0.2)
-                d.rmdir()
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # members still exiting
+                    time.sleep(0.1)
 
     @staticmethod
-    def _enable_v2_controllers() -> None:
-        control = ROOT / "cgroup.subtree_control"
+    def _enable_v2_controllers(parent: Path) -> None:
+        control = parent / "cgroup.subtree_control"
         enabled = set(control.read_text().split())
         for controller in ("cpu", "memory"):
             if controller not in enabled:
-                control.write_text(f"+{controller}")
+                try:
+                    control.write_text(f"+{controller}")
+                except OSError as exc:
+                    # A group that holds processes cannot delegate (v2's
+                    # no-internal-processes rule): say what to do instead.
+                    raise ConfigError(
+                        f"cannot enable the {controller} controller in {parent}: {exc}",
+                        hint="run from a cgroup whose controllers are delegated",
+                    ) from exc

@@ -216,13 +216,12 @@ def _tcp(ray: Any, actors: list[Any], payload: Any, repeats: int) -> float:
 
 
 def router_figures(package: Path, tokens: int, tmp: Path) -> dict[str, Any]:
-    from edgemesh.sharding.package import open_package
-
     from edgemesh.engine import Engine, EngineConfig
     from edgemesh.router.placement import StaticPlacer
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.router.stage import StageSpec
     from edgemesh.sampling import SamplingParams
+    from edgemesh.sharding.package import open_package
 
     pkg = open_package(package)
     n = pkg.num_layers
@@ -269,18 +268,21 @@ def router_figures(package: Path, tokens: int, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="a converted package folder")
-    ap.add_argument("--hidden", type=int, default=640, help="hidden size for the hop payload")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
-    args = ap.parse_args(argv)
+def run(
+    model: Path,
+    *,
+    hidden: int = 640,
+    tokens: int = 32,
+    repeats: int = 200,
+    out: Path | None = RESULTS / "pipeline.json",
+) -> dict[str, Any]:
+    """Measure the data planes and the router on a local Ray node; write ``out``."""
+    import shutil
     import tempfile
 
-    import ray
+    from edgemesh.errors import require
 
+    ray = require("ray", "mesh")
     tmp = Path(tempfile.mkdtemp(prefix="edgemesh-bench-"))
     ray.init(
         num_cpus=2,
@@ -298,14 +300,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ray": ray.__version__,
                 "note": "all stages on one host (loopback), one Ray node with box resources",
             },
-            "command": "python -m edgemesh.bench.pipeline " + " ".join(argv or []),
-            "data_plane": data_planes(ray, args.hidden, args.repeats),
-            "router": router_figures(args.model.resolve(), args.tokens, tmp),
+            "command": (
+                f"edgemesh bench pipeline --model <{Path(model).name} package> "
+                f"--hidden {hidden} --tokens {tokens} --repeats {repeats}"
+            ),
+            "data_plane": data_planes(ray, hidden, repeats),
+            "router": router_figures(Path(model).resolve(), tokens, tmp),
         }
     finally:
         ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        shutil.rmtree(tmp, ignore_errors=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="a converted package folder")
+    ap.add_argument("--hidden", type=int, default=640, help="hidden size for the hop payload")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
+    args = ap.parse_args(argv)
+    result = run(
+        args.model, hidden=args.hidden, tokens=args.tokens, repeats=args.repeats, out=args.out
+    )
     print(json.dumps(result, indent=2))
     return result
 

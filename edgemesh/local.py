@@ -1,7 +1,9 @@
 """Load a model on this box alone: the single-box fallback path.
 
 Everything runs in-process: the engine calls the backend directly, so no
-request ever leaves the box.
+request ever leaves the box. A GGUF file runs on llama.cpp; a converted
+package runs its whole layer range on an ONNX backend (``load_package_service``)
+chosen from this box's fingerprint unless the options name one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgemesh.backends.base import BackendOptions, LayerRange, ShardSpec
 from edgemesh.chat_templates import fallback_for
@@ -35,11 +38,12 @@ class LocalOptions:
 def load_service(source: ModelSource, options: LocalOptions | None = None) -> ModelService:
     """Open ``source`` with the best local backend and wrap it in an engine."""
     options = options or LocalOptions()
-    if source.kind != "gguf":
+    if source.kind == "package":
+        return load_package_service(source, options)
+    if options.precision not in (None, "int4"):
         raise ConfigError(
-            f"'{source.path}' is a converted package; serving packages needs the "
-            "onnxruntime/openvino backends",
-            hint="pass a .gguf file, or run `edgemesh generate` on the package",
+            f"a GGUF file runs at the bit width it was saved with; --precision "
+            f"'{options.precision}' applies to converted packages only"
         )
     if options.backend not in (None, "llamacpp"):
         raise ConfigError(f"a GGUF file runs on the llamacpp backend, not '{options.backend}'")
@@ -85,3 +89,140 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
         "stages": [{"box": "local", "layers": [0, layers], "backend": backend_cls.name}],
     }
     return ModelService(name=source.name, engine=engine, tokenizer=tokenizer, info=info)
+
+
+def load_package_service(source: ModelSource, options: LocalOptions) -> ModelService:
+    """Serve a converted package on this box: one in-process stage over all layers."""
+    from edgemesh.router.service import in_process_pipeline
+    from edgemesh.router.stage import StageSpec
+    from edgemesh.sharding.package import open_package
+
+    package = open_package(source.path)
+    manifest = package.manifest
+    backend, precision, why = choose_package_runtime(
+        manifest, backend=options.backend, precision=options.precision
+    )
+    log.info("%s: %s/%s (%s)", manifest.name, backend, precision, why)
+    context = min(options.context_length, manifest.context_length)
+    spec = StageSpec(
+        index=0,
+        box="local",
+        start=0,
+        stop=package.num_layers,
+        num_layers=package.num_layers,
+        backend=backend,
+        precision=precision,
+        package_dir=str(package.root),
+        threads=options.threads,
+        context_length=context,
+        max_sequences=options.max_sequences,
+    )
+    pipe, where = in_process_pipeline(package.root, [spec])
+    tokenizer = package.tokenizer()
+    if options.chat_template is not None:
+        tokenizer.chat_template = Path(options.chat_template).read_text()
+    engine = Engine(
+        pipe,
+        tokenizer,
+        EngineConfig(
+            context_length=context,
+            max_sequences=options.max_sequences,
+            max_queue=options.max_queue,
+        ),
+    )
+    info = {
+        "backend": backend,
+        "precision": precision,
+        "path": str(package.root),
+        "layers": package.num_layers,
+        "stages": where,
+        "chosen_by": why,
+    }
+    return ModelService(name=source.name, engine=engine, tokenizer=tokenizer, info=info)
+
+
+# Most compressed first; a box's default precision may move right (towards
+# fp32) when the package lacks it or its measured accuracy loss is too high.
+_TOWARDS_ACCURATE = ("int4", "int8", "fp16", "fp32")
+
+
+def choose_package_runtime(
+    manifest: Any,
+    *,
+    backend: str | None = None,
+    precision: str | None = None,
+    max_accuracy_loss: float = 0.10,
+) -> tuple[str, str, str]:
+    """(backend, precision, reason) for running ``manifest`` whole on this box.
+
+    Backend: ``backend`` if given, else the first backend this box's
+    fingerprint calls for that is installed, usable here and runs ONNX
+    packages. Precision: ``precision`` if given, else the fingerprint's
+    default, moved towards fp32 until the package has it and its measured
+    accuracy loss is within ``max_accuracy_loss`` (the planner's rule).
+    Raises ``ConfigError``/``BackendUnavailableError`` naming what to change.
+    """
+    from edgemesh.backends import registry
+    from edgemesh.sharding.costs import precision_refusal
+
+    why = []
+    fp: dict[str, Any] | None = None
+    if backend is None or precision is None:
+        from edgemesh.fingerprint import collect
+
+        fp = collect().to_dict()
+    if backend is None:
+        candidates = [*fp["installed"], "onnxruntime"]
+        refused = []
+        for name in dict.fromkeys(candidates):
+            cls = registry.get(name)
+            reason = cls.available()
+            if cls.capabilities.artifact_format != "onnx":
+                reason = f"runs {cls.capabilities.artifact_format} files, not packages"
+            if reason is None:
+                backend = name
+                break
+            refused.append(f"{name}: {reason}")
+        if backend is None:
+            raise ConfigError(
+                "no installed backend can run a converted package here: " + "; ".join(refused),
+                hint="pip install 'edgemesh[onnx]'",
+            )
+        why.append(f"backend from this box's fingerprint {fp['installed']}")
+    else:
+        fmt = registry.get(backend).capabilities.artifact_format
+        if fmt != "onnx":
+            raise ConfigError(
+                f"backend '{backend}' runs {fmt} files, not converted packages",
+                hint="choose onnxruntime or openvino, or serve a .gguf file",
+            )
+        registry.require_available(backend)
+    caps = registry.get(backend).capabilities
+    if precision is not None:
+        refusal = precision_refusal(manifest, precision, float("inf"))
+        if refusal or precision not in caps.precisions:
+            raise ConfigError(
+                f"cannot serve '{manifest.name}' at {precision}: "
+                f"{refusal or f'{backend} does not run it'}",
+                hint=f"the package has {', '.join(_package_precisions(manifest))}",
+            )
+        return backend, precision, "; ".join([*why, "precision from options"]) or "options"
+    wanted = fp["precision"] if fp["precision"] in _TOWARDS_ACCURATE else "fp32"
+    refusals = []
+    for p in _TOWARDS_ACCURATE[_TOWARDS_ACCURATE.index(wanted) :]:
+        refusal = precision_refusal(manifest, p, max_accuracy_loss)
+        if refusal is None and p in caps.precisions:
+            why.append(
+                f"precision {p}"
+                + (f" (fingerprint says {wanted}; {'; '.join(refusals)})" if refusals else "")
+            )
+            return backend, p, "; ".join(why)
+        refusals.append(refusal or f"{p}: {backend} does not run it")
+    raise ConfigError(
+        f"no precision of '{manifest.name}' can be served: {'; '.join(refusals)}",
+        hint="pass --precision, or re-convert the package with fp32 weights",
+    )
+
+
+def _package_precisions(manifest: Any) -> list[str]:
+    return [p for p in _TOWARDS_ACCURATE if all(p in lc.weight_bytes for lc in manifest.layers)]

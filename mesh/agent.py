@@ -166,6 +166,10 @@ class Agent:
         self.discovery.close()  # goodbye first: peers react before Ray goes
         if self._watcher is not None:
             self._watcher.stop()
+        if getattr(self, "_restorer", None) is not None:
+            from edgemesh.router.restore import stop_restore
+
+            stop_restore(self._restorer)
         self._stop_ray()
         self._write_state(force=True, running=False)
 
@@ -216,6 +220,10 @@ class Agent:
         elif not self.record.ready and self._own_node_alive():
             log.info("Ray head is up at %s", self.record.ray_address)
             self._announce(ready=True)
+            if self.start_ray:  # bring back the models the mesh served (router)
+                from edgemesh.router.restore import spawn_restore
+
+                self._restorer = spawn_restore(self.paths.root, self.deployments)
 
     def _follow(self, head: BoxRecord, now: float) -> None:
         self._waiting = None

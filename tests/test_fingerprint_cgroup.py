@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(("cpus", "memory_mib"), [(0.5, 1024), (1.5, 3072)])
-def test_info_reads_the_cgroup_it_runs_in(cpus: float, memory_mib: int) -> None:
+@pytest.mark.parametrize(
+    ("cpus", "memory_mib", "precision"), [(0.5, 512, "int4"), (1.5, 3072, "int4"), (2, 9216, None)]
+)
+def test_info_reads_the_cgroup_it_runs_in(
+    cpus: float, memory_mib: int, precision: str | None
+) -> None:
     with cgroups.Limits(cpus, memory_mib << 20, name="fp") as box:
         out = subprocess.run(
             box.wrap([sys.executable, "-m", "edgemesh", "info", "--json"]),
@@ -25,7 +30,11 @@ def test_info_reads_the_cgroup_it_runs_in(cpus: float, memory_mib: int) -> None:
             check=True,
         )
     info = json.loads(out.stdout)
-    assert info["cpu"]["cores_effective"] == pytest.approx(cpus)
+    assert info["cgroup"]["cpu_quota_cores"] == pytest.approx(cpus)
+    assert info["cgroup"]["path"].endswith(box.name)
+    assert info["cpu"]["cores_effective"] == pytest.approx(min(cpus, len(os.sched_getaffinity(0))))
+    if precision:  # under 4 GiB a box gets int4 whatever its CPU (docs/FINGERPRINT.md)
+        assert info["precision"] == precision
     assert info["memory"]["limit_bytes"] == memory_mib << 20
     assert info["memory"]["total_bytes"] > info["memory"]["limit_bytes"]
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edgemesh.bench.netns import Box, NetnsLab, skip_reason
 from edgemesh.errors import BoxLostError
 from edgemesh.mesh import MeshStatus, read_status
 from edgemesh.mesh.config import create_secret
 from edgemesh.mesh.membership import CRASH, LEAVE, MemberEvent, follow
-from tests.netns import Box, NetnsLab, skip_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

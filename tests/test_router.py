@@ -152,11 +152,10 @@ def test_artifacts_are_fetched_verified_and_cached(package: Path, tmp_path: Path
 
 
 def test_no_room_after_a_loss_is_a_503(package: Path) -> None:
+    from edgemesh.gateway.errors import edgemesh_response
     from edgemesh.sharding.costs import PlanOptions
     from edgemesh.sharding.manifest import Manifest
     from edgemesh.sharding.planner import plan
-
-    from edgemesh.gateway.errors import edgemesh_response
 
     manifest = Manifest.load(package)
     compute = {
@@ -247,12 +246,12 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
     """`deploy` plans over the box resources, mirrors the package on the head,
     and Ray Serve answers the same OpenAI API as a single box, token for token."""
     import httpx
+
+    from edgemesh.router.deploy import NAMESPACE, SOURCE_PREFIX, deploy, status_extras
     from edgemesh.sharding.costs import PlanOptions
     from edgemesh.sharding.manifest import Manifest
     from edgemesh.sharding.package import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline
-
-    from edgemesh.router.deploy import NAMESPACE, SOURCE_PREFIX, deploy, status_extras
     from tests.conftest import free_port
 
     ray = ray_node
@@ -310,3 +309,38 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
             from ray import serve
 
             serve.shutdown()
+
+
+def test_a_joining_box_is_used_only_when_the_plan_improves_by_the_margin(package: Path) -> None:
+    """After a loss the model is squeezed onto two boxes; when the third comes
+    back the placer moves to three stages, because the bottleneck improves by
+    more than the margin. An unchanged mesh, or a gain under the margin, stays."""
+    from edgemesh.router.placement import REPLAN_MARGIN
+    from edgemesh.sharding.costs import PlanOptions
+    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.planner import plan
+
+    manifest = Manifest.load(package)
+    # Slow compute, ample memory: one layer per box is the fastest placement.
+    compute = {"onnxruntime/fp32": {"gflops": 0.01, "bandwidth_gbps": 0.5}}
+    boxes = [
+        {"id": b, "memory_limit_bytes": 1 << 30, "backends": ["onnxruntime"], "compute": compute}
+        for b in "abc"
+    ]
+    options = PlanOptions(context=256, sequences=16, headroom=0.0, runtime_overhead_bytes=0)
+    placer = PlanPlacer(manifest, plan(manifest, boxes, None, options), boxes)
+    assert sorted(s.box for s in placer.initial()) == ["a", "b", "c"]
+    assert placer.after_join({"a", "b", "c"}) is None  # nothing new
+
+    squeezed = placer.after_loss({"a", "b"})
+    assert len(squeezed) == 2 and {s.box for s in squeezed} == {"a", "b"}
+    before = placer.plan.bottleneck_ms
+    back = placer.after_join({"a", "b", "c"})
+    assert back is not None and sorted(s.box for s in back) == ["a", "b", "c"]
+    assert placer.plan.bottleneck_ms <= before * (1 - REPLAN_MARGIN)
+    assert placer.after_join({"a", "b", "c"}) is None  # already there: no churn
+
+    placer.after_loss({"a", "b"})
+    placer.margin = 0.99  # a gain the placer will not pay a pause for
+    assert placer.after_join({"a", "b", "c"}) is None
+    assert len(placer.plan.stages) == 2

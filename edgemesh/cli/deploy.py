@@ -13,7 +13,9 @@ from edgemesh.cli.join import SecretOpt, StateOpt
 
 
 def command(
-    model_dir: Annotated[Path, typer.Argument(help="A package folder made by `edgemesh convert`.")],
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="A package folder made by `edgemesh convert`.")
+    ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Model name in the API; default: the package's.")
     ] = None,
@@ -31,10 +33,27 @@ def command(
             "--boxes", help="Box profiles (as for `edgemesh plan`) instead of measuring each box."
         ),
     ] = None,
+    plan_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="Use this plan (`edgemesh plan --json` output, possibly edited) for the "
+            "first placement instead of planning; re-plans after a loss still use the profiles.",
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="Port of the mesh gateway on the head.")] = 8000,
     json_out: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+    restore: Annotated[
+        bool,
+        typer.Option(
+            "--restore",
+            help="Re-deploy every model this box's records list onto the current head "
+            "(after a head change; the new head's agent runs this).",
+        ),
+    ] = False,
 ) -> None:
     """Split MODEL_DIR over the mesh's boxes and serve it from the head (OpenAI API)."""
+    from edgemesh.errors import ConfigError
     from edgemesh.mesh import connect
     from edgemesh.mesh.config import default_state_dir, load_settings
     from edgemesh.router.deploy import deploy
@@ -52,12 +71,35 @@ def command(
                     f"--secret-file {secret_file} is not the secret this box joined with",
                     hint=f"use {saved.secret_file} or re-run `edgemesh join`",
                 )
+        if restore == (model_dir is not None):
+            raise ConfigError("give either MODEL_DIR or --restore")
         conn = connect(folder, mesh=mesh, logging_level="warning")
+        if restore:
+            from edgemesh.router.restore import restore as restore_all
+
+            done = restore_all(folder)
+            if json_out:
+                print_json(done)
+            else:
+                typer.echo(
+                    f"restored {', '.join(done['restored']) or 'nothing'}: {done['gateway']}"
+                )
+                for name, why in done["skipped"].items():
+                    typer.echo(f"  skipped {name}: {why}", err=True)
+            if done["skipped"]:
+                raise typer.Exit(1)
+            return
         profiles = links = None
         if boxes is not None:
             doc = json.loads(boxes.read_text())
             profiles = doc["boxes"] if isinstance(doc, dict) else doc
             links = doc.get("links") if isinstance(doc, dict) else None
+        fixed = None
+        if plan_file is not None:
+            try:
+                fixed = json.loads(plan_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot read the plan {plan_file}: {exc}") from exc
         record = deploy(
             model_dir,
             name=name,
@@ -66,6 +108,7 @@ def command(
             links=links,
             port=port,
             state_dir=folder,
+            fixed_plan=fixed,
         )
     if json_out:
         print_json({k: v for k, v in record.items() if k not in ("manifest", "profiles")})

@@ -33,6 +33,20 @@ def command(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads; default: the box's effective cores.")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="Packages: onnxruntime or openvino; default: the first this box's "
+            "fingerprint calls for that runs packages."
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Packages: fp32, fp16, int8 or int4; default: the box's, moved towards "
+            "fp32 until the package has it within its accuracy budget."
+        ),
+    ] = None,
     chat_template: Annotated[
         Path | None, typer.Option(help="Jinja chat template file overriding the model's.")
     ] = None,
@@ -55,13 +69,16 @@ def command(
                 context_length=context,
                 max_sequences=max_sequences,
                 max_queue=max_queue,
+                backend=backend,
+                precision=precision,
                 chat_template=chat_template,
             ),
         )
     app = create_app([service], api_keys=api_key or ())
+    runtime = "/".join(str(service.info[k]) for k in ("backend", "precision") if k in service.info)
     typer.echo(
         f"serving '{service.name}' on http://{host}:{port}/v1 "
-        f"({service.info.get('backend')}, context {service.context_length})",
+        f"({runtime}, context {service.context_length})",
         err=True,
     )
     try:

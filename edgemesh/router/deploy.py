@@ -100,14 +100,16 @@ def deploy(
     port: int = 8000,
     state_dir: Path | None = None,
     plan_options: Any = None,
+    fixed_plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Plan, place and serve ``package_dir``; returns the record (with ``gateway``).
 
     ``here`` is this box's id (the artifact source). Ray must be initialised
-    against the mesh (``edgemesh.mesh.connect``).
+    against the mesh (``edgemesh.mesh.connect``). ``fixed_plan`` (a plan as
+    ``edgemesh plan --json`` prints it) replaces the planner's choice for the
+    first placement; after a loss the mesh still re-plans from ``profiles``.
     """
     ray = require("ray", "mesh")
-    from edgemesh.router.artifacts import ArtifactSource, MirrorSource
     from edgemesh.router.serve import start_gateway
     from edgemesh.sharding.package import open_package
     from edgemesh.sharding.planner import plan
@@ -126,26 +128,14 @@ def deploy(
     unknown = sorted({p["id"] for p in profiles} - known)
     if unknown:
         raise ConfigError(f"profiles for boxes not in the mesh: {', '.join(unknown)}")
-    placed = plan(package.manifest, profiles, links, plan_options)
+    if fixed_plan is not None:
+        placed = _checked_plan(fixed_plan, package.manifest, known)
+    else:
+        placed = plan(package.manifest, profiles, links, plan_options)
     manifest_bytes = (package.root / "manifest.json").read_bytes()
 
     # The package stays reachable from the head even if this box leaves.
-    opts = {"namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0}
-    _kill_named(ray, f"{SOURCE_PREFIX}{name}-origin")
-    origin = (
-        ray.remote(ArtifactSource)
-        .options(name=f"{SOURCE_PREFIX}{name}-origin", resources={f"box:{here}": 0.001}, **opts)
-        .remote(str(package.root))
-    )
-    mirror_name = f"{SOURCE_PREFIX}{name}"
-    _kill_named(ray, mirror_name)
-    mirror = (
-        ray.remote(MirrorSource)
-        .options(name=mirror_name, resources={f"box:{head.id}": 0.001}, **opts)
-        .remote(manifest_bytes, origin, head.id)
-    )
-    ray.get(mirror.manifest.remote(), timeout=600)
-    ray.kill(origin)
+    mirror_package(ray, name, manifest_bytes, source_box=here, path=str(package.root), head=head.id)
 
     doc = read_records(ray)
     url = f"http://{head.address}:{port}/v1"
@@ -174,6 +164,55 @@ def deploy(
     doc["gateway"] = url
     write_records(ray, doc, state_dir)
     return doc["models"][name]
+
+
+def _checked_plan(doc: dict[str, Any], manifest: Any, boxes: set[str]) -> Any:
+    """A given plan, refused when it is for another model or names absent boxes."""
+    from edgemesh.sharding.planner import Plan
+
+    placed = Plan.from_dict(doc)
+    if placed.model != manifest.name or placed.num_layers != manifest.num_layers:
+        raise ConfigError(
+            f"the plan is for '{placed.model}' ({placed.num_layers} layers), not "
+            f"'{manifest.name}' ({manifest.num_layers} layers)"
+        )
+    absent = sorted({st.box for st in placed.stages} - boxes)
+    if absent:
+        raise ConfigError(
+            f"the plan places layers on boxes not in the mesh: {', '.join(absent)}",
+            hint="run `edgemesh status` to list the boxes, or drop --plan",
+        )
+    return placed
+
+
+def mirror_package(
+    ray: Any, name: str, manifest_bytes: bytes, *, source_box: str, path: str, head: str
+) -> Any:
+    """Copy the package at ``path`` on ``source_box`` into the head's cache
+    (sha256-verified) and serve it from there; returns the mirror actor."""
+    from edgemesh.router.artifacts import ArtifactSource, MirrorSource
+
+    opts = {"namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0}
+    _kill_named(ray, f"{SOURCE_PREFIX}{name}-origin")
+    origin = (
+        ray.remote(ArtifactSource)
+        .options(
+            name=f"{SOURCE_PREFIX}{name}-origin", resources={f"box:{source_box}": 0.001}, **opts
+        )
+        .remote(path)
+    )
+    mirror_name = f"{SOURCE_PREFIX}{name}"
+    _kill_named(ray, mirror_name)
+    mirror = (
+        ray.remote(MirrorSource)
+        .options(name=mirror_name, resources={f"box:{head}": 0.001}, **opts)
+        .remote(manifest_bytes, origin, head)
+    )
+    try:
+        ray.get(mirror.manifest.remote(), timeout=600)
+    finally:
+        ray.kill(origin)
+    return mirror
 
 
 def _kill_named(ray: Any, name: str) -> None:

@@ -21,11 +21,21 @@ from edgemesh.router.stage import StageSpec, wire_dtype
 log = logging.getLogger(__name__)
 
 
+REPLAN_MARGIN = 0.15
+"""A box that joins is used only if the new plan's bottleneck is at least
+this much (relative) below the current one: moving stages costs a pause
+(every live sequence is replayed), so small gains are not worth the churn."""
+
+
 class Placer(Protocol):
     def initial(self) -> list[StageSpec]: ...
 
     def after_loss(self, alive: set[str]) -> list[StageSpec]:
         """Stages over the ``alive`` boxes; raises ``ModelUnavailableError``."""
+        ...
+
+    def after_join(self, alive: set[str]) -> list[StageSpec] | None:
+        """Better stages now that ``alive`` boxes are up, or None to stay."""
         ...
 
 
@@ -56,6 +66,9 @@ class StaticPlacer:
             )
         return list(self.specs)
 
+    def after_join(self, alive: set[str]) -> list[StageSpec] | None:
+        return None  # fixed stages never move
+
 
 class PlanPlacer:
     """Stages from a planner ``Plan``; re-plans over the boxes still alive."""
@@ -68,14 +81,21 @@ class PlanPlacer:
         links: Sequence[Any] | None = None,
         *,
         package_dir: str = "",
+        origin_box: str | None = None,
         stage_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.manifest = manifest
+        # ``package_dir`` is a path on ``origin_box``; elsewhere it means
+        # nothing, so other boxes fetch their artifacts (no shared filesystem).
+        self.origin_box = origin_box
         self.plan = plan
         self.profiles = list(profiles)
         self.links = list(links or [])
         self.package_dir = package_dir
         self.stage_defaults = dict(stage_defaults or {})
+        self.margin = REPLAN_MARGIN
+        self._considered = frozenset(st.box for st in plan.stages)
+        """Boxes the current plan was chosen from (a join re-plans only when this grows)."""
 
     def specs(self, plan: Any) -> list[StageSpec]:
         return with_wires(
@@ -88,7 +108,7 @@ class PlanPlacer:
                     num_layers=plan.num_layers,
                     backend=st.backend,
                     precision=st.precision,
-                    package_dir=self.package_dir,
+                    package_dir=(self.package_dir if self.origin_box in (None, st.box) else ""),
                     **self.stage_defaults,
                 )
                 for i, st in enumerate(plan.stages)
@@ -97,6 +117,58 @@ class PlanPlacer:
 
     def initial(self) -> list[StageSpec]:
         return self.specs(self.plan)
+
+    def add_profile(self, profile: dict[str, Any]) -> None:
+        """Know a box that was not profiled at deploy time (measured on joining)."""
+        self.profiles = [p for p in self.profiles if _box_id(p) != _box_id(profile)]
+        self.profiles.append(profile)
+
+    def profiled(self) -> set[str]:
+        return {_box_id(p) for p in self.profiles}
+
+    def after_join(self, alive: set[str]) -> list[StageSpec] | None:
+        """A re-plan over every ``alive`` profiled box, adopted only when its
+        bottleneck beats the current plan's by ``margin`` (see ``REPLAN_MARGIN``);
+        among plans within the planner's tolerance it moves the fewest layers."""
+        from edgemesh.sharding.replan import replan
+
+        ids = frozenset(alive & self.profiled())
+        if ids <= self._considered:
+            self._considered = ids | frozenset(st.box for st in self.plan.stages)
+            return None  # nothing new (or only departures, which after_loss handles)
+        self._considered = ids
+        if not all(st.box in ids for st in self.plan.stages):
+            return None  # a stage's box is gone: the loss path re-plans
+        left, links = self._over(ids)
+        try:
+            plan = replan(self.plan, self.manifest, left, links)
+        except PlanError as exc:
+            log.info("no re-plan for '%s' over %s: %s", self.manifest.name, sorted(ids), exc)
+            return None
+        gain = 1.0 - plan.bottleneck_ms / self.plan.bottleneck_ms
+        if gain < self.margin:
+            log.info(
+                "'%s': a re-plan over %s would gain %.0f%% (< %.0f%%): staying",
+                self.manifest.name,
+                sorted(ids),
+                100 * gain,
+                100 * self.margin,
+            )
+            return None
+        log.info(
+            "'%s': re-planned over %s: %s (%.0f%% faster, moved %s layers)",
+            self.manifest.name,
+            sorted(ids),
+            [(s.box, str(s.layers)) for s in plan.stages],
+            100 * gain,
+            plan.moved_layers,
+        )
+        self.plan = plan
+        return self.specs(plan)
+
+    def _over(self, ids: set[str] | frozenset[str]) -> tuple[list[Any], list[Any]]:
+        left = [p for p in self.profiles if _box_id(p) in ids]
+        return left, [ln for ln in self.links if _link_ends(ln) <= set(ids)]
 
     def after_loss(self, alive: set[str]) -> list[StageSpec]:
         if all(st.box in alive for st in self.plan.stages):
@@ -110,7 +182,8 @@ class PlanPlacer:
                 hint="bring a box back; the model will not be served until then",
             )
         ids = {_box_id(p) for p in left}
-        links = [ln for ln in self.links if _link_ends(ln) <= ids]
+        self._considered = frozenset(ids)
+        left, links = self._over(ids)
         try:
             plan = replan(self.plan, self.manifest, left, links)
         except PlanError as exc:

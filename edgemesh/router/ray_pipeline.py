@@ -71,7 +71,11 @@ def _is_loss(ray: Any, exc: BaseException) -> bool:
         )
         if hasattr(e, n)
     )
-    return isinstance(exc, kinds)
+    return isinstance(exc, (*kinds, StageBoxLost))
+
+
+class StageBoxLost(Exception):
+    """A box left while its stage was starting (handled like any stage loss)."""
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -110,11 +114,16 @@ class RayPipeline:
         self._broken: EdgemeshError | None = None
         self._closed = False
         self.recoveries = 0
+        self.replans = 0
         self.replayed_tokens = 0
         self.last_recovery_s = 0.0
         self.on_change: Callable[[list[dict[str, Any]]], None] | None = None
         """Called with the new stage descriptions after a recovery (metrics)."""
         specs = placer.initial()
+        alive = self._alive_boxes()
+        if any(s.box not in alive for s in specs):
+            # A recorded plan restored after a head change may name lost boxes.
+            specs = placer.after_loss(alive)
         self.depth = len(specs)
         self._specs, self._actors, self.stage_info = self._start(specs, {})
 
@@ -211,9 +220,31 @@ class RayPipeline:
             assert inp.tokens is not None
             hist.extend(int(t) for t in inp.tokens)
 
+    # -- membership -----------------------------------------------------------
+
+    def consider_join(self) -> bool:
+        """Re-place the stages if the placer finds a better plan with the boxes
+        alive now (a box joined). Blocks while the stages move: launches pause,
+        in-flight micro-batches finish, new stages start, live sequences are
+        replayed, then launches resume. Returns whether the stages moved."""
+        with self._cond:
+            if self._recovering or self._broken is not None or self._closed:
+                return False
+            alive = self._alive_boxes()
+            specs = self.placer.after_join(alive)
+            if specs is None:
+                return False
+            self._recovering = True
+        log.warning("a better placement is available; moving stages")
+        self._recover(planned=specs)
+        return True
+
     # -- recovery -----------------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self, planned: list[StageSpec] | None = None) -> None:
+        """Settle, re-place, replay, resume. ``planned``: stages chosen ahead
+        (a join); otherwise (or if they fail to start) the placer re-plans
+        over the boxes still alive (a loss)."""
         t0 = time.monotonic()
         attempts = 0
         while True:
@@ -224,12 +255,22 @@ class RayPipeline:
                 history = {k: list(v) for k, v in self._history.items() if v}
                 old_specs, old_actors = list(self._specs), list(self._actors)
             try:
-                alive = self._alive_boxes()
-                specs = self.placer.after_loss(alive)
+                if planned is not None and attempts == 0:
+                    specs = planned
+                else:
+                    specs = self.placer.after_loss(
+                        self._alive_boxes(probe={s.box for s in old_specs})
+                    )
                 keep = self._survivors(old_specs, old_actors, specs)
                 new_specs, actors, info = self._start(specs, keep)
+                try:
+                    self._replay(actors, history)
+                except BaseException:
+                    # Another box went while replaying: drop what was just
+                    # started; the next attempt starts from the old stages.
+                    self._kill([a for i, a in enumerate(actors) if i not in keep])
+                    raise
                 self._kill([a for a in old_actors if all(a is not k for k in keep.values())])
-                self._replay(actors, history)
             except EdgemeshError as exc:
                 if not isinstance(exc, ModelUnavailableError):
                     exc = ModelUnavailableError(f"the model cannot be served: {exc}")
@@ -237,6 +278,10 @@ class RayPipeline:
                 return
             except Exception as exc:
                 attempts += 1
+                if planned is not None and attempts == 1 and _is_loss(self._ray, exc):
+                    planned = None  # a box of the new plan failed: fall back to a re-plan
+                    log.warning("the new placement failed to start (%r); re-planning", exc)
+                    continue
                 if not _is_loss(self._ray, exc) or attempts > self.max_recoveries:
                     self._fail_all(
                         ModelUnavailableError(f"recovering the pipeline failed: {exc!r}")
@@ -247,7 +292,10 @@ class RayPipeline:
             with self._cond:
                 self._specs, self._actors, self.stage_info = new_specs, actors, info
                 self._recovering = False
-                self.recoveries += 1
+                if planned is not None and attempts == 0:
+                    self.replans += 1
+                else:
+                    self.recoveries += 1
                 self.last_recovery_s = time.monotonic() - t0
                 retry, self._retry = self._retry, []
                 for job in retry:
@@ -255,7 +303,7 @@ class RayPipeline:
             if self.on_change is not None:
                 self.on_change(self.describe())
             log.warning(
-                "pipeline recovered in %.1f s: %d sequences replayed, %d micro-batches re-run",
+                "stages placed again in %.1f s: %d sequences replayed, %d micro-batches re-run",
                 self.last_recovery_s,
                 len(history),
                 len(retry),
@@ -271,11 +319,28 @@ class RayPipeline:
         for job in retry:
             job.future.set_exception(exc)
 
-    def _alive_boxes(self) -> set[str]:
+    def _alive_boxes(self, probe: set[str] | frozenset[str] = frozenset()) -> set[str]:
+        """Boxes with an alive Ray node; those in ``probe`` must also have a
+        raylet that accepts a TCP connection.
+
+        A call fails the moment a box's processes die, but the head marks its
+        node dead only after several missed health checks; planning before
+        that would put a stage on the dead box again. A refused (or silent)
+        raylet port tells at once. A stage actor that died alone leaves its
+        box's raylet answering, so that box stays usable."""
+        from edgemesh.mesh.ray_node import tcp_reachable
+
         alive: set[str] = set()
         for node in self._ray.nodes():
-            if node.get("Alive"):
-                alive.update(k[4:] for k in node.get("Resources", {}) if k.startswith("box:"))
+            if not node.get("Alive"):
+                continue
+            boxes = {k[4:] for k in node.get("Resources", {}) if k.startswith("box:")}
+            if boxes & probe:
+                where = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+                if not tcp_reachable(where, timeout=1.0):
+                    log.info("box(es) %s: raylet %s does not answer", sorted(boxes), where)
+                    continue
+            alive |= boxes
         return alive
 
     def _survivors(
@@ -313,8 +378,8 @@ class RayPipeline:
                 ).remote(spec.to_dict(), self.manifest_bytes, self.source)
             )
         try:
-            info = ray.get([a.ready.remote() for a in actors], timeout=self.ready_timeout_s)
-        except Exception as exc:
+            info = self._wait_ready(specs, actors)
+        except BaseException as exc:
             self._kill([a for i, a in enumerate(actors) if i not in keep])
             cause = _unwrap(exc)
             if isinstance(cause, EdgemeshError):
@@ -329,6 +394,27 @@ class RayPipeline:
                 stage["pid"],
             )
         return list(specs), actors, list(info)
+
+    def _wait_ready(self, specs: list[StageSpec], actors: list[Any]) -> list[dict[str, Any]]:
+        """Every stage's ``ready()``; raises ``StageBoxLost`` as soon as a box
+        a stage waits for leaves (its actor would otherwise pend forever:
+        no other node carries that box's resource)."""
+        ray = self._ray
+        refs = [a.ready.remote() for a in actors]
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            if not pending:
+                return ray.get(refs)
+            waiting = {specs[i].box for i, r in enumerate(refs) if r in pending}
+            gone = waiting - self._alive_boxes(probe=waiting)
+            if gone:
+                raise StageBoxLost(f"box(es) {', '.join(sorted(gone))} left while starting")
+            if time.monotonic() > deadline:
+                raise ray.exceptions.GetTimeoutError(
+                    f"stages on {', '.join(sorted(waiting))} not ready after "
+                    f"{self.ready_timeout_s:.0f} s"
+                )
 
     def _kill(self, actors: list[Any]) -> None:
         for actor in actors:

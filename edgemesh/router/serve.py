@@ -32,13 +32,23 @@ class MeshGateway:
         sources: dict[str, Any],
         api_keys: Sequence[str] = (),
     ) -> None:
+        import ray
+
+        from edgemesh.router.membership import MembershipWatcher, measure_box
         from edgemesh.router.service import mesh_service
 
         logging.basicConfig(level=logging.INFO)
         self.api_keys = tuple(api_keys)
         self.services = [
-            mesh_service(r, here=head_box, source=sources.get(r["name"])) for r in records
+            mesh_service(r, here=head_box, source=sources.get(r["name"]), on_change=_record_stages)
+            for r in records
         ]
+        self.watcher = MembershipWatcher(
+            ray,
+            [s.engine.pipeline for s in self.services],
+            measure=lambda box: measure_box(ray, box),
+        )
+        self.watcher.start()
 
     def __serve_build_asgi_app__(self) -> Any:
         from edgemesh.gateway import create_app
@@ -46,11 +56,31 @@ class MeshGateway:
         return create_app(self.services, api_keys=self.api_keys)
 
     def __del__(self) -> None:
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.stop()
         for service in getattr(self, "services", []):
             try:
                 service.close()
             except Exception as exc:  # shutting down: nothing left to report to
                 log.debug("closing %s: %r", service.name, exc)
+
+
+def _record_stages(name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
+    """Keep the deployment record in step with where the stages run now, so
+    `edgemesh status` shows it and a new head re-deploys the current plan."""
+    import ray
+
+    from edgemesh.router.deploy import read_records, write_records
+
+    doc = read_records(ray)
+    record = doc["models"].get(name)
+    if record is None:
+        return
+    record["stages"] = [
+        {k: st[k] for k in ("box", "layers", "backend", "precision")} for st in stages
+    ]
+    record["plan"] = plan
+    write_records(ray, doc, None)
 
 
 def gateway_app(
@@ -82,7 +112,11 @@ def start_gateway(
     """(Re)start the gateway with ``records``; returns its base URL (``.../v1``)."""
     serve = require("ray.serve", "mesh")
     try:
-        serve.start(http_options={"host": host, "port": port}, detached=True)
+        # One HTTP proxy, on the head: ``host`` is the head's mesh address,
+        # which no other box could bind.
+        serve.start(
+            proxy_location="HeadOnly", http_options={"host": host, "port": port}, detached=True
+        )
         serve.run(
             gateway_app(records, head_box, sources, api_keys),
             name=APP_NAME,

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgemesh.engine import Engine, EngineConfig
 from edgemesh.gateway.service import ModelService
+from edgemesh.pipeline import LocalPipeline
 from edgemesh.router.artifacts import default_cache_root, ensure_artifacts, source_reader
 from edgemesh.router.placement import PlanPlacer
+from edgemesh.router.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,46 @@ def local_package(record: dict[str, Any], manifest_bytes: bytes, box: str, sourc
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
     everything = [a.path for a in manifest.artifacts]
     hint = Path(record.get("package_dir", ""))
-    if record.get("package_dir") and local_copy_ok(hint, manifest_bytes, everything):
+    mine = record.get("origin_box") in (None, box)  # the path means something only there
+    if mine and record.get("package_dir") and local_copy_ok(hint, manifest_bytes, everything):
         return hint
     return ensure_artifacts(
         manifest_bytes, everything, default_cache_root(box), source_reader(source)
     )
+
+
+def in_process_pipeline(
+    package: Path, specs: Sequence[StageSpec], *, here: str | None = None
+) -> tuple[LocalPipeline, list[dict[str, Any]]]:
+    """The stages' backends chained in this process (``LocalPipeline``): the
+    single-box path of the gateway and of ``edgemesh serve PACKAGE``. All
+    stages use the first stage's backend, threads and sequence budget."""
+    from edgemesh.backends.base import BackendOptions
+    from edgemesh.sharding.pipeline import load_pipeline
+
+    first = specs[0]
+    pipe = load_pipeline(
+        package,
+        [s.start for s in specs[1:]],
+        [s.precision for s in specs],
+        backend=first.backend,
+        options=BackendOptions(
+            threads=first.threads,
+            context_length=first.context_length,
+            max_sequences=first.max_sequences,
+        ),
+    )
+    where = [
+        {
+            "box": here or "local",
+            "layers": [s.start, s.stop],
+            "backend": s.backend,
+            "precision": s.precision,
+            "in_process": True,
+        }
+        for s in specs
+    ]
+    return pipe, where
 
 
 def build_pipeline(
@@ -50,29 +88,8 @@ def build_pipeline(
     """The pipeline for ``placer``'s stages and a description of where they run."""
     specs = placer.initial()
     if (len(specs) == 1 and specs[0].box == here) or not ray_running():
-        from edgemesh.backends.base import BackendOptions
-        from edgemesh.sharding.pipeline import load_pipeline
-
-        cuts = [s.start for s in specs[1:]]
-        pipe = load_pipeline(
-            package,
-            cuts,
-            [s.precision for s in specs],
-            backend=specs[0].backend,
-            options=BackendOptions(threads=specs[0].threads, max_sequences=specs[0].max_sequences),
-        )
-        where = [
-            {
-                "box": here or "local",
-                "layers": [s.start, s.stop],
-                "backend": s.backend,
-                "precision": s.precision,
-                "in_process": True,
-            }
-            for s in specs
-        ]
         log.info("'%s': single-box path, in process", placer.manifest.name)
-        return pipe, where
+        return in_process_pipeline(package, specs, here=here)
     from edgemesh.router.ray_pipeline import RayPipeline
 
     pipe = RayPipeline(placer, manifest_bytes, source=source)
@@ -86,8 +103,12 @@ def mesh_service(
     source: Any,
     max_sequences: int = 16,
     max_queue: int = 64,
+    on_change: Callable[[str, list[dict[str, Any]], dict[str, Any]], None] | None = None,
 ) -> ModelService:
-    """Open one deployed model (a record written by ``edgemesh deploy``)."""
+    """Open one deployed model (a record written by ``edgemesh deploy``).
+
+    ``on_change(name, stages, plan)`` is called after the stages moved (a
+    loss or a join), from the pipeline's recovery thread."""
     from edgemesh.sharding.manifest import Manifest
     from edgemesh.sharding.package import open_package
     from edgemesh.sharding.planner import Plan
@@ -102,6 +123,7 @@ def mesh_service(
         record.get("profiles", []),
         record.get("links", []),
         package_dir=record.get("package_dir", ""),
+        origin_box=record.get("origin_box"),
         stage_defaults={"max_sequences": max_sequences * 2, "threads": record.get("threads")},
     )
     pipe, where = build_pipeline(placer, manifest_bytes, here=here, package=package, source=source)
@@ -112,7 +134,23 @@ def mesh_service(
         tokenizer,
         EngineConfig(context_length=context, max_sequences=max_sequences, max_queue=max_queue),
     )
-    info = {"backend": "mesh", "stages": where, "plan": {"bottleneck_ms": plan.bottleneck_ms}}
+    info: dict[str, Any] = {
+        "backend": "mesh",
+        "stages": where,
+        "plan": {"bottleneck_ms": plan.bottleneck_ms},
+        "recoveries": 0,
+        "replans": 0,
+    }
     if hasattr(pipe, "on_change"):
-        pipe.on_change = lambda stages: info.__setitem__("stages", stages)
+
+        def changed(stages: list[dict[str, Any]]) -> None:
+            info.update(stages=stages, recoveries=pipe.recoveries, replans=pipe.replans)
+            info["plan"] = {"bottleneck_ms": placer.plan.bottleneck_ms}
+            if on_change is not None:
+                try:
+                    on_change(record["name"], stages, placer.plan.to_dict())
+                except Exception as exc:  # the record is a mirror: serving goes on
+                    log.warning("could not update the deployment record: %r", exc)
+
+        pipe.on_change = changed
     return ModelService(name=record["name"], engine=engine, tokenizer=tokenizer, info=info)

@@ -35,6 +35,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgemesh.bench.cgroups import Limits
+
 _counter = itertools.count()
 
 
@@ -56,65 +58,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
-class _Cgroup:
-    """CPU/memory limits for one box, on cgroup v2 or the v1 hierarchies.
-
-    v1 groups are created under the test process's own group in each
-    hierarchy, so a box can never get more than the test itself has.
-    """
-
-    def __init__(self, name: str, cpus: float | None, memory_bytes: int | None) -> None:
-        self.dirs: list[Path] = []
-        root = Path("/sys/fs/cgroup")
-        if (root / "cgroup.controllers").exists():  # unified (v2)
-            own = _own_cgroup("")
-            d = root / own.lstrip("/") / name
-            d.mkdir()
-            self.dirs.append(d)
-            if cpus is not None:
-                (d / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
-            if memory_bytes is not None:
-                (d / "memory.max").write_text(str(memory_bytes))
-                (d / "memory.swap.max").write_text("0")
-            return
-        if cpus is not None:
-            d = root / "cpu" / _own_cgroup("cpu").lstrip("/") / name
-            d.mkdir()
-            self.dirs.append(d)
-            (d / "cpu.cfs_period_us").write_text("100000")
-            (d / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
-        if memory_bytes is not None:
-            d = root / "memory" / _own_cgroup("memory").lstrip("/") / name
-            d.mkdir()
-            self.dirs.append(d)
-            (d / "memory.limit_in_bytes").write_text(str(memory_bytes))
-
-    def enter(self) -> None:
-        """Move the calling process into every group (runs in the child)."""
-        for d in self.dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
-
-    def remove(self) -> None:
-        for d in self.dirs:
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:  # still has members while they exit
-                    time.sleep(0.1)
-
-
-def _own_cgroup(controller: str) -> str:
-    """This process's group path in the hierarchy of ``controller`` ("" = v2)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, names, path = line.split(":", 2)
-        if (controller == "" and names == "") or controller in names.split(","):
-            return path
-    return "/"
-
-
 @dataclass
 class Box:
     """One namespace box: its name, address and private folder."""
@@ -124,7 +67,7 @@ class Box:
     address: str
     iface: str
     dir: Path
-    cgroup: _Cgroup | None = None
+    cgroup: Limits | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -321,7 +264,7 @@ class NetnsLab:
         _ip("-n", name, "link", "set", box.iface, "up")
         _ip("-n", name, "link", "set", "lo", "up")
         if cpus is not None or memory_bytes is not None:
-            box.cgroup = _Cgroup(name, cpus, memory_bytes)
+            box.cgroup = Limits(cpus, memory_bytes, name=name).create()
         return box
 
     def close(self) -> None:

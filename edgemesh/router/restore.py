@@ -1,0 +1,195 @@
+"""Bring the mesh gateway back after a head change (``edgemesh deploy --restore``).
+
+The gateway, its stage actors and the package mirror all live in the head's
+Ray cluster, so they end with the head. The deployment records survive: the
+agents mirror them into every box's ``deployments.json``, and the new head's
+agent seeds the new cluster's KV from its copy (``edgemesh.mesh.deployments``).
+``restore`` re-deploys what the records list:
+
+1. for each model, a box holding an intact whole copy of the package (the
+   box that deployed it, at its path; or any box whose artifact cache is
+   complete, e.g. an earlier head's mirror) serves it to a new mirror on the
+   new head;
+2. the gateway starts on the new head with the recorded plan; stages whose
+   box is gone are re-planned over the boxes alive (as after any loss).
+
+A model no box holds whole is skipped with an error naming it (re-run
+``edgemesh deploy`` from a box that has the package). Live streams of the
+old gateway are cut: they ran in the lost head's processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgemesh.errors import MeshError, ModelUnavailableError, require
+
+log = logging.getLogger(__name__)
+
+
+def _whole_copy(box: str, manifest_bytes: bytes, candidates: list[str]) -> str | None:
+    """On ``box``: the first of ``candidates`` (or the box's cache) holding the whole package."""
+    import json
+
+    from edgemesh.router.artifacts import _slug, default_cache_root, local_copy_ok, manifest_digest
+    from edgemesh.sharding.manifest import Manifest
+
+    manifest = Manifest.from_dict(json.loads(manifest_bytes))
+    cached = default_cache_root(box) / f"{_slug(manifest.name)}-{manifest_digest(manifest_bytes)}"
+    everything = [a.path for a in manifest.artifacts]
+    for folder in [*candidates, str(cached)]:
+        if folder and local_copy_ok(Path(folder), manifest_bytes, everything):
+            return folder
+    return None
+
+
+def find_whole_copy(ray: Any, record: dict[str, Any], boxes: list[Any]) -> tuple[str, str] | None:
+    """(box, path) of an intact whole copy of ``record``'s package, or None."""
+    task = ray.remote(_whole_copy)
+    manifest_bytes = record["manifest"].encode()
+    origin = record.get("origin_box")
+    order = sorted(boxes, key=lambda b: (b.id != origin, not b.is_head, b.id))
+    refs = [
+        task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(
+            b.id, manifest_bytes, [record.get("package_dir", "")] if b.id == origin else []
+        )
+        for b in order
+    ]
+    for box, ref in zip(order, refs, strict=True):
+        try:
+            found = ray.get(ref, timeout=120)
+        except Exception as exc:  # a box that cannot answer holds nothing we can use
+            log.info("box %s could not be searched: %r", box.id, exc)
+            continue
+        if found:
+            return box.id, found
+    return None
+
+
+def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[str, Any]:
+    """Re-deploy every recorded model onto the current head; returns
+    ``{"gateway": url, "restored": [names], "skipped": {name: why}}``."""
+    ray = require("ray", "mesh")
+    from edgemesh.router.deploy import (
+        NAMESPACE,
+        SOURCE_PREFIX,
+        mesh_boxes,
+        mirror_package,
+        read_records,
+        write_records,
+    )
+    from edgemesh.router.serve import start_gateway
+
+    if not ray.is_initialized():
+        raise MeshError("not connected to the mesh's Ray", hint="run `edgemesh join` first")
+    doc = read_records(ray)
+    if state_dir is not None:
+        from edgemesh.mesh.deployments import DeploymentStore, _newer
+
+        local = DeploymentStore(Path(state_dir) / "deployments.json").load()
+        if _newer(local, doc):
+            doc = local
+    if not doc.get("models"):
+        return {"gateway": None, "restored": [], "skipped": {}}
+    boxes = _wait_for_boxes(ray, state_dir, mesh_boxes)
+    head = next((b for b in boxes if b.is_head), None)
+    if head is None:
+        raise MeshError("the mesh's Ray cluster has no live head box with a box:<id> resource")
+    port = port or _recorded_port(doc) or 8000
+    url = f"http://{head.address}:{port}/v1"
+    restored, skipped = [], {}
+    for name, record in sorted(doc["models"].items()):
+        found = find_whole_copy(ray, record, boxes)
+        if found is None:
+            skipped[name] = str(
+                ModelUnavailableError(
+                    f"no box of the mesh holds a whole copy of '{name}' any more",
+                    hint="run `edgemesh deploy` again from a box that has the package",
+                )
+            )
+            log.error("%s", skipped[name])
+            continue
+        mirror_package(
+            ray,
+            name,
+            record["manifest"].encode(),
+            source_box=found[0],
+            path=found[1],
+            head=head.id,
+        )
+        record["gateway"] = url
+        restored.append(name)
+    if restored:
+        records = [doc["models"][n] for n in restored]
+        sources = {n: ray.get_actor(f"{SOURCE_PREFIX}{n}", namespace=NAMESPACE) for n in restored}
+        start_gateway(records, head.id, sources, host=head.address, port=port)
+        doc["gateway"] = url
+        write_records(ray, doc, state_dir)
+    return {"gateway": url if restored else None, "restored": restored, "skipped": skipped}
+
+
+def _wait_for_boxes(
+    ray: Any, state_dir: Path | None, mesh_boxes: Any, timeout_s: float = 60.0
+) -> list[Any]:
+    """The mesh's boxes with Ray nodes, once every box the agent lists has
+    its node up (or ``timeout_s`` passed): after a head change
+    the survivors re-join the new head one by one, and placing before they
+    are back would squeeze the model onto too few boxes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        boxes = mesh_boxes(ray)
+        if state_dir is None or time.monotonic() > deadline:
+            return boxes
+        try:
+            from edgemesh.mesh import read_status
+
+            listed = {b.id for b in read_status(Path(state_dir)).boxes}
+        except Exception as exc:  # no agent view: place over what Ray shows
+            log.info("no agent status to wait on: %r", exc)
+            return boxes
+        if listed <= {b.id for b in boxes}:
+            return boxes
+        time.sleep(1.0)
+
+
+def _recorded_port(doc: dict[str, Any]) -> int | None:
+    from urllib.parse import urlparse
+
+    url = doc.get("gateway") or next(
+        (m.get("gateway") for m in doc.get("models", {}).values() if m.get("gateway")), None
+    )
+    return urlparse(url).port if url else None
+
+
+def spawn_restore(state_dir: Path, store: Any) -> subprocess.Popen[bytes] | None:
+    """For the agent of a box that just became head: run ``edgemesh deploy
+    --restore`` in the background when its records list models (log:
+    ``<state>/restore.log``). Returns the process, or None when nothing to do."""
+    try:
+        if not store.models():
+            return None
+    except Exception as exc:  # unreadable records: nothing to restore from
+        log.warning("cannot read the deployment records: %r", exc)
+        return None
+    argv = [sys.executable, "-m", "edgemesh", "deploy", "--restore", "--state-dir", str(state_dir)]
+    with open(Path(state_dir) / "restore.log", "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    log.info("restoring the deployed models in the background (pid %d)", proc.pid)
+    return proc
+
+
+def stop_restore(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a restore still running when the agent leaves."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
