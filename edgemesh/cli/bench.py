@@ -64,3 +64,22 @@ def pipeline(
     with user_errors():
         result = bench_pipeline.run(model, hidden=hidden, tokens=tokens, repeats=repeats, out=out)
     print_json(result)
+
+
+@app.command("all")
+def all_benchmarks(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only these (repeatable).")
+    ] = None,
+    package: Annotated[
+        Path | None, typer.Option(help="Converted default-model package; default: cached.")
+    ] = None,
+) -> None:
+    """Every benchmark, then docs/BENCHMARKS.md with tables and plots."""
+    from edgemesh.bench import all as bench_all
+
+    with user_errors():
+        outcome = bench_all.run(only, package)
+    print_json(outcome)
+    if any(v.get("returncode") for v in outcome.values()):
+        raise typer.Exit(1)
