@@ -1,0 +1,273 @@
+"""onnxruntime backend: any layer range of a converted package, any precision.
+
+Loading verifies the range's artifacts by sha256, composes (or reuses) the
+range graph from the package's per-layer pieces, and opens one
+``InferenceSession``: the CPU execution provider with ``threads`` intra-op
+threads, or CUDA / TensorRT when ``BackendOptions.device`` asks for them
+and the installed onnxruntime has them.
+
+KV cache: each sequence keeps its layers' ``present`` tensors as
+``OrtValue``s on the session's device and binds them as the next call's
+``past`` through I/O binding, so the cache never crosses into numpy
+between steps (docs/SHARDS.md has the measurement against plain
+``session.run``). Sequences in one ``forward`` call run one after another:
+the graphs take a batch axis, but sequences at different cache lengths
+would need padding and masks that the graphs do not have.
+
+This module is the only place edgemesh imports ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgemesh.backends.base import PRECISIONS, Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ContextOverflowError,
+    InferenceError,
+    ShardLoadError,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+_GPU_PROVIDERS = {
+    "cuda": ["CUDAExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+}
+
+
+@dataclass
+class _Sequence:
+    length: int = 0
+    kv: list[Any] = field(default_factory=list)
+    """OrtValues: past_key, past_value for each layer of the range, in order."""
+
+
+def select_providers(ort: Any, device: str) -> list[Any]:
+    """Execution providers for ``device`` (``cpu``, ``cuda[:N]``, ``tensorrt``, ``auto``)."""
+    available = set(ort.get_available_providers())
+    kind, _, index = device.partition(":")
+    if kind == "auto":
+        kind = next((k for k in ("tensorrt", "cuda") if _GPU_PROVIDERS[k][0] in available), "cpu")
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if kind not in _GPU_PROVIDERS:
+        raise ConfigError(
+            f"onnxruntime cannot run on device '{device}'", hint="use cpu, cuda or tensorrt"
+        )
+    wanted = _GPU_PROVIDERS[kind]
+    if wanted[0] not in available:
+        raise BackendUnavailableError(
+            f"onnxruntime here has no {wanted[0]} (available: {', '.join(sorted(available))})",
+            hint="install onnxruntime-gpu on a box with an NVIDIA GPU",
+        )
+    opts = {"device_id": int(index or 0)}
+    return [(p, opts) for p in wanted if p in available] + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    """A layer range of an edgemesh package on onnxruntime."""
+
+    name = "onnxruntime"
+    module = "onnxruntime"
+    extra = "onnx"
+    capabilities = Capabilities(
+        partial_ranges=True,
+        precisions=PRECISIONS,
+        artifact_format="onnx",
+        max_batch=64,
+        needs_compiled_artifact=False,
+        devices=("cpu", "cuda"),
+    )
+
+    def __init__(self, shard: ShardSpec, options: Any = None, *, io_binding: bool = True) -> None:
+        super().__init__(shard, options)
+        ort = require("onnxruntime", "onnx")
+        from edgemesh.sharding.package import open_package
+
+        self._ort = ort
+        self._io_binding = io_binding
+        package = open_package(shard.model)
+        if package.num_layers != shard.num_layers:
+            raise ConfigError(
+                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
+            )
+        start, stop = shard.layers.start, shard.layers.stop
+        package.check_range(start, stop, shard.precision)
+        path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
+        extra = package.manifest.extra
+        self.hidden_size = package.manifest.hidden_size
+        self.vocab_size = package.manifest.vocab_size
+        self._kv_shape = (1, int(extra["kv_heads"]), 0, int(extra["head_dim"]))
+        self.context_length = min(
+            self.options.context_length or package.manifest.context_length,
+            package.manifest.context_length,
+        )
+        self.max_sequences = max(1, self.options.max_sequences)
+        providers = select_providers(ort, self.options.device)
+        so = ort.SessionOptions()
+        if self.options.threads:
+            so.intra_op_num_threads = int(self.options.threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise ShardLoadError(
+                f"onnxruntime could not load layers {shard.layers} ({shard.precision}) of "
+                f"'{package.manifest.name}': {exc}"
+            ) from exc
+        self._device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
+        self._device_id = (
+            int(providers[0][1]["device_id"]) if isinstance(providers[0], tuple) else 0
+        )
+        self._first = shard.is_first
+        self._last = shard.is_last
+        self._layers = list(range(start, stop))
+        self._out_names = [o.name for o in self._session.get_outputs()]
+        self._seqs: dict[int, _Sequence] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        log.info(
+            "onnxruntime: layers %s at %s on %s (%s)",
+            shard.layers,
+            shard.precision,
+            self._device,
+            path.parent.name,
+        )
+
+    # -- contract ---------------------------------------------------------
+
+    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
+        with self._lock:
+            if self._closed:
+                raise InferenceError("the onnxruntime backend is closed")
+            return [self._one(item) for item in batch]
+
+    def release(self, seq_id: int) -> None:
+        with self._lock:
+            self._seqs.pop(seq_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._seqs.clear()
+            self._session = None
+
+    # -- internals --------------------------------------------------------
+
+    def _state(self, item: SeqInput) -> _Sequence:
+        state = self._seqs.get(item.seq_id)
+        cached = 0 if state is None else state.length
+        if item.start_pos > cached:
+            # Checked before a slot is taken, so a refused call leaves nothing behind.
+            raise InferenceError(
+                f"sequence {item.seq_id} starts at position {item.start_pos} but only "
+                f"{cached} tokens are cached on layers {self.shard.layers}"
+            )
+        if state is None:
+            if len(self._seqs) >= self.max_sequences:
+                raise InferenceError(
+                    f"all {self.max_sequences} sequence slots are busy",
+                    hint="release finished sequences or raise max_sequences",
+                )
+            empty = np.zeros(self._kv_shape, dtype=np.float32)
+            state = _Sequence(0, [self._value(empty) for _ in range(2 * len(self._layers))])
+            self._seqs[item.seq_id] = state
+        if item.start_pos < state.length:
+            # Rewind (e.g. a replayed step): keep the first start_pos cached tokens.
+            state.kv = [self._value(v.numpy()[:, :, : item.start_pos].copy()) for v in state.kv]
+            state.length = item.start_pos
+        return state
+
+    def _value(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
+
+    def _feeds(self, item: SeqInput) -> dict[str, np.ndarray]:
+        n = item.length
+        if self._first:
+            if item.tokens is None:
+                raise InferenceError(f"layers {self.shard.layers} start the model: send token ids")
+            main = ("input_ids", np.asarray(item.tokens, dtype=np.int64).reshape(1, n))
+        else:
+            if item.hidden is None:
+                raise InferenceError(f"layers {self.shard.layers} take hidden states, not tokens")
+            hidden = np.asarray(item.hidden, dtype=np.float32)
+            if hidden.shape != (n, self.hidden_size):
+                raise InferenceError(
+                    f"hidden states of shape {hidden.shape}; layers {self.shard.layers} "
+                    f"take [{n}, {self.hidden_size}]"
+                )
+            hidden = hidden[None]  # [1, S, H]
+            main = ("hidden_in", hidden)
+        feeds = dict([main])
+        feeds["position_ids"] = np.arange(item.start_pos, item.start_pos + n, dtype=np.int64)[None]
+        if self._last:
+            rows = np.arange(n) if item.logits == "all" else np.array([n - 1])
+            feeds["logit_index"] = rows.astype(np.int64)
+        return feeds
+
+    def _one(self, item: SeqInput) -> np.ndarray:
+        n = item.length
+        if n < 1:
+            raise InferenceError("a forward call needs at least one new token")
+        if item.start_pos + n > self.context_length:
+            raise ContextOverflowError(
+                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
+                f"is {self.context_length}"
+            )
+        state = self._state(item)
+        feeds = self._feeds(item)
+        try:
+            if self._io_binding:
+                outputs = self._run_bound(feeds, state)
+            else:
+                outputs = self._run_plain(feeds, state)
+        except Exception as exc:
+            raise InferenceError(
+                f"onnxruntime failed on layers {self.shard.layers} at position "
+                f"{item.start_pos}: {exc}"
+            ) from exc
+        state.length += n
+        return outputs[0]  # [n or 1, H] hidden or [rows, V] logits
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], state: _Sequence) -> list[np.ndarray]:
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for j, layer in enumerate(self._layers):
+            binding.bind_ortvalue_input(f"past_key.{layer}", state.kv[2 * j])
+            binding.bind_ortvalue_input(f"past_value.{layer}", state.kv[2 * j + 1])
+        # The main output comes back to the host; presents stay on the device
+        # and become the next call's pasts.
+        binding.bind_output(self._out_names[0], "cpu")
+        for name in self._out_names[1:]:
+            binding.bind_output(name, self._device, self._device_id)
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        state.kv = list(values[1:])
+        return [values[0].numpy()[0]]
+
+    def _run_plain(self, feeds: dict[str, np.ndarray], state: _Sequence) -> list[np.ndarray]:
+        """The unbound path (numpy in, numpy out), kept to measure the bound one against."""
+        for j, layer in enumerate(self._layers):
+            feeds[f"past_key.{layer}"] = state.kv[2 * j].numpy()
+            feeds[f"past_value.{layer}"] = state.kv[2 * j + 1].numpy()
+        values = self._session.run(self._out_names, feeds)
+        state.kv = [self._value(v) for v in values[1:]]
+        return [values[0][0]]
+
+
+BACKEND = OnnxRuntimeBackend
