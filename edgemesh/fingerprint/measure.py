@@ -29,12 +29,13 @@ from edgemesh.errors import BackendError, FingerprintError, MissingExtraError
 from edgemesh.fingerprint import kernels
 from edgemesh.fingerprint.model import CpuInfo, MatmulFigure, Measurement
 
-SCHEMA = 1  # bump when what is measured changes, so old caches are ignored
+SCHEMA = 2  # bump when what is measured changes, so old caches are ignored
 MIB = 1024 * 1024
 MATMUL_K = 2048  # hidden sizes of 1-3B models; K = N
 WEIGHT_BYTES = 64 * MIB  # per precision: more than an edge box's last-level cache
+LLC_MULTIPLE = 2  # ... and at least this many times this box's last-level cache
 COPY_BYTES = 128 * MIB
-BUDGET_S = 12.0  # stop starting new benchmarks after this
+BUDGET_S = 60.0  # stop starting new benchmarks after this (weights are sized past the LLC)
 PAIR_S = 0.6  # timing seconds per backend/precision (half at M=1, half at M=8)
 
 _DISTRIBUTIONS = {
@@ -121,13 +122,41 @@ def _store(path: Path, found: Measurement) -> None:
         ) from exc
 
 
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size of the largest data/unified cache level of CPU 0, from sysfs."""
+    found: tuple[int, int] | None = None
+    for index in root.glob("index*"):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        scale = {"K": 1024, "M": MIB, "G": 1024 * MIB}.get(size[-1:], 1)
+        try:
+            nbytes = int(size.rstrip("KMG")) * scale
+        except ValueError:
+            continue
+        if found is None or level > found[0]:
+            found = (level, nbytes)
+    return found[1] if found else None
+
+
 def run_benchmarks(
     backends: list[str], threads: int, memory_limit_bytes: int, budget_s: float = BUDGET_S
 ) -> Measurement:
     """Measure now (no cache). ``backends`` as from ``measurable``."""
     start = time.perf_counter()
-    weight_bytes = int(min(WEIGHT_BYTES, max(16 * MIB, memory_limit_bytes // 16)))
-    copy_bytes = int(min(COPY_BYTES, max(16 * MIB, memory_limit_bytes // 16)))
+    # A decode step streams every weight from RAM. Weights that fit in the
+    # last-level cache (300 MiB on some server CPUs) would measure the cache
+    # instead and overstate bandwidth several times, so size past it, within
+    # a quarter of the memory limit.
+    llc = last_level_cache_bytes() or 0
+    cap = max(16 * MIB, memory_limit_bytes // 4)
+    weight_bytes = int(min(max(WEIGHT_BYTES, LLC_MULTIPLE * llc), cap))
+    copy_bytes = int(min(max(COPY_BYTES, LLC_MULTIPLE * llc), cap))
     bandwidth = kernels.memory_bandwidth(copy_bytes)
 
     figures: list[MatmulFigure] = []
