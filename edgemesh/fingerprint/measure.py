@@ -35,7 +35,7 @@ MATMUL_K = 2048  # hidden sizes of 1-3B models; K = N
 WEIGHT_BYTES = 64 * MIB  # per precision: more than an edge box's last-level cache
 LLC_MULTIPLE = 2  # ... and at least this many times this box's last-level cache
 COPY_BYTES = 128 * MIB
-BUDGET_S = 60.0  # stop starting new benchmarks after this (weights are sized past the LLC)
+BUDGET_S = 120.0  # stop starting new benchmarks after this (weights are sized past the LLC)
 PAIR_S = 0.6  # timing seconds per backend/precision (half at M=1, half at M=8)
 
 _DISTRIBUTIONS = {
