@@ -166,17 +166,24 @@ def _spawn(
 # -- workers (one per subprocess) ---------------------------------------------
 
 
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident memory of a process (VmHWM). getrusage's ru_maxrss would
+    carry the parent's peak over fork+exec and make every worker look alike."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def summary(samples: list[tuple[float, float, int]], load_s: float) -> dict[str, Any]:
     """samples: (ttft_s, decode_s, tokens generated) per repeat."""
     rates = [(n - 1) / d for _, d, n in samples if n > 1 and d > 0]
-    import resource
-
     return {
         "ttft_ms": round(1000 * statistics.median(t for t, _, _ in samples), 2),
         "decode_tokens_per_s": round(statistics.median(rates), 2),
         "tokens_generated": [n for _, _, n in samples],
         "load_s": round(load_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

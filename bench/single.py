@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -114,56 +114,64 @@ def _spawn_gateway(
 
 
 def _gateway_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Stream completions over HTTP from a gateway in this process."""
+    """Stream completions over HTTP from `edgemesh serve` in its own process,
+    as a client would (a client in the server's process would compete with it
+    for the GIL and halve what the server can do)."""
+    import signal
     import socket
 
     import httpx
-    import uvicorn
 
-    from edgemesh.gateway import create_app
-    from edgemesh.local import LocalOptions, load_service
-    from edgemesh.models import ModelSource
-
-    t0 = time.perf_counter()
-    service = load_service(
-        ModelSource("m", Path(job["gguf"]), "gguf"),
-        LocalOptions(threads=job["threads"], context_length=1024, max_sequences=4),
-    )
-    load_s = time.perf_counter() - t0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app([service]), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def timed(max_tokens: int) -> tuple[float, float, int]:
-        body = {"model": "m", "prompt": job["prompt"], "max_tokens": max_tokens}
-        body |= {"temperature": 0.0, "stream": True, "ignore_eos": True}
-        start = time.perf_counter()
-        first = last = 0.0
-        n = 0
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        with httpx.stream("POST", url, json=body, timeout=300) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    last = time.perf_counter()
-                    first = first or last
-                    n += 1
-        return first - start, last - first, n
-
+    argv = [sys.executable, "-m", "edgemesh", "serve", "--model", job["gguf"], "--port", str(port)]
+    argv += ["--threads", str(job["threads"]), "--context", "1024", "--log-level", "warning"]
+    t0 = time.perf_counter()
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
     try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(
+                    f"edgemesh serve exited: {server.stderr.read().decode()[-2000:]}"
+                )
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        load_s = time.perf_counter() - t0
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+        def timed(max_tokens: int) -> tuple[float, float, int]:
+            body = {"model": model, "prompt": job["prompt"], "max_tokens": max_tokens}
+            body |= {"temperature": 0.0, "stream": True, "ignore_eos": True}
+            start = time.perf_counter()
+            first = last = 0.0
+            n = 0
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        last = time.perf_counter()
+                        first = first or last
+                        n += 1
+            return first - start, last - first, n
+
         timed(4)  # warm-up, as the other workers do
         samples = [timed(job["tokens"]) for _ in range(job["repeats"])]
+        peak = backends.peak_rss_mb(server.pid)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        service.close()
-    return {**backends.summary(samples, load_s), "precision": "q4_k_m"}
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    return {**backends.summary(samples, load_s), "peak_rss_mb": peak, "precision": "q4_k_m"}
 
 
 if __name__ == "__main__":
