@@ -122,9 +122,114 @@ def figure_single() -> str:
 
 def figure_pipeline() -> str:
     out = "## 2. Pipeline: cost of each hop, latency through 1, 2 and 3 stages\n"
+    mesh = _load("mesh")
     result = _load("pipeline")
-    if result is None:
-        return out + _missing("edgemesh bench pipeline")
+    if mesh is None and result is None:
+        return out + _missing("python -m edgemesh.bench.mesh")
+    if mesh and mesh.get("mesh_stages"):
+        out += _mesh_stages(mesh)
+    else:
+        out += _missing("python -m edgemesh.bench.mesh")
+    if result is not None:
+        out += _loopback_pipeline(result)
+    return out
+
+
+def _stage_rows(ms: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    return sorted((int(k.split("_")[0]), v) for k, v in ms.items() if k.endswith("_stages"))
+
+
+def _mesh_stages(mesh: dict[str, Any]) -> str:
+    ms = mesh["mesh_stages"]
+    single = mesh.get("single_box", {})
+    ref = single.get("ms_per_token")
+    stages = _stage_rows(ms)
+    out = (
+        f"\nOn a real mesh: three namespace boxes each running `edgemesh join`, "
+        f"{mesh.get('model')} at {mesh.get('precision')} on {mesh.get('backend')}, "
+        f"{mesh.get('tokens')} greedy tokens, through the mesh gateway (HTTP, streamed). "
+        f"Reference: the single box in process ({ref} ms/token). {ms.get('note', '')}.\n"
+    )
+    rows = [["single box, in process", "all", ref, 1.0, None, True]]
+    gw = ms.get("1_stages_in_gateway")
+    if gw:
+        lat = gw.get("ms_per_token")
+        rows.append(
+            ["1 stage, in the gateway's process (head)", "all", lat,
+             lat / ref if ref and lat else None, None, gw.get("exact")]
+        )  # fmt: skip
+    for n, s in stages:
+        layers = " ".join(f"[{a},{b})" for a, b in s.get("layers", []))
+        lat = s.get("ms_per_token")
+        rows.append(
+            [f"{n} stage(s), mesh", layers, lat, lat / ref if ref and lat else None,
+             s.get("per_hop_ms"), s.get("exact")]
+        )  # fmt: skip
+    out += _table(
+        ["path", "layers", "ms/token", "× single box", "per-hop ms", "exact vs single box"], rows
+    )
+    hop = ms.get("hop_bytes_per_token", {})
+    if hop:
+        out += (
+            f"\nBytes per token per hop: {hop.get('hidden')} (hidden state, "
+            f"{hop.get('wire_dtype')}), {hop.get('pickled_batch')} as shipped "
+            f"({hop.get('source')}).\n"
+        )
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = ["single box"] + [f"{n} stage(s)" for n, _ in stages]
+    values = [ref or 0] + [s.get("ms_per_token") or 0 for _, s in stages]
+    ax.bar(labels, values, color=["#888888"] + ["#3b6fd8"] * len(stages))
+    ax.set_ylabel("ms per token (lower is better)")
+    out += _save(fig, "mesh_latency.png")
+    out += _provenance(mesh) + _load_line(mesh)
+    out += "\n## 3. Throughput: aggregate tokens/s vs concurrent streams\n"
+    out += _throughput(stages, "mesh_throughput.png", ref_tok_s=single.get("tok_s"))
+    out += _provenance(mesh)
+    return out
+
+
+def _load_line(result: dict[str, Any]) -> str:
+    """The host's 1-minute load average around the run (the host is shared)."""
+    a, b = result.get("load_1m_start"), result.get("load_1m_end")
+    return f"\n_Load (1-min average, 2 cores shared with other work):_ {a} at start, {b} at end\n"
+
+
+def _throughput(
+    stages: list[tuple[int, dict[str, Any]]], png: str, ref_tok_s: float | None = None
+) -> str:
+    streams = sorted(
+        {int(k.rsplit("_", 1)[1]) for _, s in stages for k in s if k.startswith("aggregate")}
+    )
+    out = ""
+    if ref_tok_s:
+        out += f"\nSingle box in process, one stream: {ref_tok_s} tokens/s.\n"
+    out += _table(
+        ["stages", *[f"{c} streams tok/s" for c in streams], f"{streams[-1]} vs 1"],
+        [
+            [n, *[s.get(f"aggregate_tok_s_{c}") for c in streams], s.get("ratio_16_vs_1")]
+            for n, s in stages
+        ],
+    )
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n, s in stages:
+        ax.plot(streams, [s.get(f"aggregate_tok_s_{c}") or 0 for c in streams], "o-",
+                label=f"{n} stage(s)")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(streams, [str(c) for c in streams])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.legend()
+    return out + _save(fig, png)
+
+
+def _loopback_pipeline(result: dict[str, Any]) -> str:
+    out = (
+        "\n### Data plane and router on one Ray node (loopback)\n\n"
+        "Echo stages (no compute) for the data plane; the router on a tiny model, so the "
+        "figures are the router's own cost.\n"
+    )
     plane = result.get("data_plane", {})
     payload = plane.get("payload_bytes", {})
     rows = []
@@ -137,7 +242,7 @@ def figure_pipeline() -> str:
             f"{k.replace('_', ' ')} {v}" for k, v in payload.items()
         ) + ".\n"  # fmt: skip
     router = result.get("router", {})
-    stages = sorted((int(k.split("_")[0]), v) for k, v in router.items() if k.endswith("_stages"))
+    stages = _stage_rows(router)
     if stages:
         base = stages[0][1].get("single_stream_tok_s")
         rows = []
@@ -148,31 +253,9 @@ def figure_pipeline() -> str:
                 [n, layers, tps, 1000 / tps if tps else None, tps / base if base and tps else None]
             )
         out += _table(["stages", "layers", "single stream tok/s", "ms/token", "× 1 stage"], rows)
-        out += _provenance(result)
-        out += "\n## 3. Throughput: aggregate tokens/s vs concurrent streams\n"
-        streams = sorted(
-            {int(k.rsplit("_", 1)[1]) for _, s in stages for k in s if k.startswith("aggregate")}
-        )
-        out += _table(
-            ["stages", *[f"{c} streams tok/s" for c in streams], f"{streams[-1]} vs 1"],
-            [
-                [n, *[s.get(f"aggregate_tok_s_{c}") for c in streams], s.get("ratio_16_vs_1")]
-                for n, s in stages
-            ],
-        )
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for n, s in stages:
-            ax.plot(streams, [s.get(f"aggregate_tok_s_{c}") or 0 for c in streams], "o-",
-                    label=f"{n} stage(s)")  # fmt: skip
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(streams, [str(c) for c in streams])
-        ax.set_xlabel("concurrent streams")
-        ax.set_ylabel("aggregate tokens/s")
-        ax.legend()
-        out += _save(fig, "throughput.png")
-    out += _provenance(result)
-    return out
+        out += "\nAggregate tokens/s vs concurrent streams, same run:\n"
+        out += _throughput(stages, "throughput.png")
+    return out + _provenance(result)
 
 
 # -- figure 4: planner -----------------------------------------------------
@@ -227,11 +310,58 @@ def figure_memory() -> str:
     result = _load("memory")
     if result is None:
         return out + _missing("python -m edgemesh.bench.memory")
+    w = result.get("weights_mb", {})
+    out += (
+        f"\nModel: {result.get('model')}, {result.get('precision')}, weights "
+        f"{w.get('total')} MB ({w.get('layers')} MB in layers). Every box is a cgroup "
+        f"limited to {result.get('limit_mb')} MB (no swap).\n"
+    )
     rows = [
         [r["setup"], r.get("limit_mb"), r["outcome"], r.get("tokens_per_s")] for r in result["runs"]
     ]
     out += _table(["setup", "memory limit per box (MB)", "outcome", "tokens/s"], rows)
-    return out + _provenance(result)
+    mesh = result.get("mesh", {})
+    if mesh.get("plan"):
+        out += (
+            "\nPlan (`edgemesh plan` over the workers, profiles at the box limit; the head keeps "
+            "Ray, Serve and the gateway):\n"
+        )
+        out += _table(
+            ["box", "layers", "planned MB", "limit MB"],
+            [[s["box"], f"[{s['layers'][0]},{s['layers'][1]})", s["memory_mb"], s["limit_mb"]]
+             for s in mesh["plan"]],
+        )  # fmt: skip
+    if mesh.get("stages"):
+        out += "\nStages as served (gateway `/metrics`): " + ", ".join(
+            f"{s['box']} [{s['layers'][0]},{s['layers'][1]})" for s in mesh["stages"]
+        ) + ".\n"  # fmt: skip
+    boxes = mesh.get("boxes", [])
+    if boxes:
+        out += (
+            "\nMemory of each box's cgroup after serving: its processes (agent, Ray, stage, "
+            "gateway; anon/rss) and the peak including page cache (fetched artifacts), "
+            f"OOM kills; router recoveries: {mesh.get('recoveries')}, stages moved from the "
+            f"plan: {mesh.get('moved_from_plan')}:\n"
+        )
+        out += _table(
+            ["box", "role", "process MB", "peak incl. cache MB", "limit MB", "OOM kills"],
+            [[b["box"], b["role"], b.get("process_mb"),
+              b.get("peak_cgroup_mb_incl_page_cache"), b["limit_mb"], b["oom_kills"]]
+             for b in boxes],
+        )  # fmt: skip
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        labels = ["whole model\n(weights)"] + [f"{b['box']}\n{b['role']}" for b in boxes]
+        values = [w.get("total") or 0] + [b.get("process_mb") or 0 for b in boxes]
+        ax.bar(labels, values, color=["#c0504d"] + ["#3b6fd8"] * len(boxes))
+        ax.axhline(result.get("limit_mb") or 0, color="k", ls="--", label="limit per box")
+        ax.set_ylabel("MB (boxes: their processes)")
+        ax.legend()
+        out += _save(fig, "memory.png")
+    planner = result.get("planner_one_box", {})
+    if planner.get("api_error"):
+        out += f"\nThe planner's refusal, verbatim:\n\n```\n{planner['api_error']}\n```\n"
+    return out + _provenance(result) + _load_line(result)
 
 
 def figure_mesh() -> str:
@@ -239,10 +369,31 @@ def figure_mesh() -> str:
     result = _load("mesh")
     if result is None:
         return out + _missing("python -m edgemesh.bench.mesh")
-    out += _table(
-        ["event", "seconds"], [[k.replace("_", " "), v] for k, v in result["seconds"].items()]
-    )
-    return out + _provenance(result)
+    seconds = result["seconds"]
+    out += _table(["event", "seconds"], [[k.replace("_", " "), v] for k, v in seconds.items()])
+    rec = result.get("recovery")
+    if rec:
+        out += (
+            f"\nRecovery: {rec['streams']} streamed chats of {rec['tokens']} tokens; a non-head "
+            f"box's whole process tree was SIGKILLed after {rec['unplugged_after_chunks']} "
+            f"chunks. Largest pause a client saw: {rec['pause_s_max']} s (median gap between "
+            f"chunks {rec['median_gap_ms']} ms); answers complete: {rec['complete']}, equal to "
+            f"the single box: {rec['exact']}; router recoveries: {rec['recoveries']}; stages "
+            "after: "
+            + ", ".join(f"{s['box']} [{s['layers'][0]},{s['layers'][1]})"
+                        for s in rec.get("stages_after", []))
+            + ".\n"
+        )  # fmt: skip
+    steps = [(k, v) for k, v in seconds.items() if k.startswith("join_to_")]
+    if steps:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 2.6))
+        ax.barh([k.removeprefix("join_to_").replace("_", " ") for k, _ in steps],
+                [v for _, v in steps], color="#3b6fd8")  # fmt: skip
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds since `edgemesh join` started on 3 boxes")
+        out += _save(fig, "mesh_timeline.png")
+    return out + _provenance(result) + _load_line(result)
 
 
 FIGURES: list[Callable[[], str]] = [

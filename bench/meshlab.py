@@ -1,0 +1,412 @@
+"""A real mesh on network-namespace boxes, driven the way a user drives it.
+
+Shared by the mesh and memory benchmarks and ``examples/pi_jetson/lab.py``.
+Each box is a ``NetnsLab`` namespace (optionally with cgroup CPU/memory
+limits) running ``edgemesh join`` as its own process tree; plans and deploys
+go through the real CLI (``edgemesh plan --json``, ``edgemesh deploy --plan``)
+inside a box, and chats go to the mesh gateway over the lab's bridge (the
+host is ``<subnet>.254``). Same flow as ``tests/test_router_netns.py``.
+
+``MeshLab.close()`` pulls every plug and removes the namespaces and cgroups;
+use it as a context manager.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemesh.bench.netns import Box, NetnsLab
+from edgemesh.errors import BoxLostError, MeshError
+
+HOST = 254
+
+
+class MeshBox:
+    """One namespace box and its `edgemesh join` process tree."""
+
+    def __init__(self, box: Box, secret: Path, mesh: str, box_id: str | None = None) -> None:
+        self.box = box
+        self.secret = secret
+        self.mesh = mesh
+        self.id = box_id or f"box{box.index}"
+        self.state = box.dir / "state"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def join(self) -> None:
+        argv = [
+            sys.executable, "-m", "edgemesh", "join",
+            "--mesh", self.mesh, "--secret-file", self.secret, "--state-dir", self.state,
+            "--box-id", self.id, "--interface", "eth0", "--settle", "2",
+        ]  # fmt: skip
+        self.proc = self.box.spawn(argv, env=self.box.env(), log=self.box.dir / "join.log")
+
+    def pull_plug(self) -> None:
+        """SIGKILL every process of the box (its cable pulled)."""
+        self.proc = None
+        self.box.kill_all()
+
+    def edgemesh(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return self.box.run([sys.executable, "-m", "edgemesh", *args], timeout=timeout)
+
+    def log_tail(self, n: int = 3000) -> str:
+        path = self.box.dir / "join.log"
+        return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+    def memory_peak_bytes(self) -> int | None:
+        """Peak memory use of the box's cgroup so far (None without a limit)."""
+        cg = self.box.cgroup
+        if cg is None:
+            return None
+        for d in cg.dirs:
+            for name in ("memory.peak", "memory.max_usage_in_bytes"):
+                try:
+                    return int((d / name).read_text())
+                except (OSError, ValueError):
+                    continue
+        return None
+
+    def anon_bytes(self) -> int | None:
+        """Anonymous memory (process memory, not page cache) in the box's cgroup now."""
+        cg = self.box.cgroup
+        if cg is None:
+            return None
+        for d in cg.dirs:
+            try:
+                stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            for key in ("anon", "total_rss"):
+                if key in stat:
+                    return int(stat[key])
+        return None
+
+    def oom_kills(self) -> int | None:
+        """OOM kills inside the box's cgroup (None when the kernel does not say)."""
+        cg = self.box.cgroup
+        if cg is None:
+            return None
+        for d in cg.dirs:
+            for name in ("memory.events", "memory.oom_control"):
+                try:
+                    text = (d / name).read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        return None
+
+
+@dataclass
+class BoxLimits:
+    cpus: float | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass
+class MeshLab:
+    """``n`` namespace boxes on ``<subnet>.0/24`` that will form mesh ``mesh``."""
+
+    limits: Sequence[BoxLimits]
+    subnet: str = "10.79.0"
+    prefix: str = "emb"
+    mesh: str = "benchlab"
+    ids: Sequence[str] | None = None
+    lab: NetnsLab = field(init=False)
+    boxes: list[MeshBox] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        from edgemesh.mesh.config import create_secret
+
+        self.lab = NetnsLab(0, subnet=self.subnet, host_address=HOST, prefix=self.prefix)
+        try:
+            for lim in self.limits:
+                self.lab.add_box(cpus=lim.cpus, memory_bytes=lim.memory_bytes)
+            secret = create_secret(self.lab.root / "mesh.secret").source
+            if secret is None:
+                raise MeshError("could not create the lab's mesh secret")
+            ids = list(self.ids) if self.ids else [None] * len(self.lab.boxes)
+            self.boxes = [
+                MeshBox(b, secret, self.mesh, i) for b, i in zip(self.lab.boxes, ids, strict=True)
+            ]
+        except BaseException:
+            self.lab.close()
+            raise
+
+    @property
+    def root(self) -> Path:
+        return self.lab.root
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {b.id}\n{b.log_tail()}" for b in self.boxes)
+
+    def formed(self, boxes: Sequence[MeshBox] | None = None) -> str | None:
+        """The head's id once every box sees all of ``boxes`` with live Ray nodes."""
+        from edgemesh.mesh import read_status
+
+        boxes = list(boxes or self.boxes)
+        want = sorted(b.id for b in boxes)
+        heads = set()
+        for b in boxes:
+            try:
+                st = read_status(b.state)
+            except BoxLostError:
+                return None
+            alive = sorted(n["box"] for n in st.ray_nodes if n["alive"])
+            if sorted(x.id for x in st.boxes) != want or alive != want or st.head is None:
+                return None
+            heads.add(st.head)
+        return heads.pop() if len(heads) == 1 else None
+
+    def box(self, box_id: str) -> MeshBox:
+        return next(b for b in self.boxes if b.id == box_id)
+
+    def write_profiles(
+        self, name: str, boxes: Sequence[MeshBox], compute: dict[str, Any], memory: int
+    ) -> Path:
+        """Hand-written planner profiles (same figures for every box) -> a file."""
+        path = self.root / f"{name}.json"
+        profiles = [
+            {
+                "id": b.id,
+                "memory_limit_bytes": memory,
+                "backends": ["onnxruntime"],
+                "compute": compute,
+            }
+            for b in boxes
+        ]
+        path.write_text(json.dumps(profiles))
+        return path
+
+    def plan(
+        self, on: MeshBox, package: Path, profiles: Path, *extra: str
+    ) -> tuple[int, dict[str, Any] | None, str]:
+        """``edgemesh plan --json`` run on box ``on``: (exit code, plan or None, stderr)."""
+        out = on.edgemesh(
+            "plan", "--model", str(package), "--boxes", str(profiles), "--json", *extra
+        )
+        plan = json.loads(out.stdout) if out.returncode == 0 else None
+        return out.returncode, plan, out.stderr
+
+    def deploy(
+        self, on: MeshBox, package: Path, name: str, profiles: Path, plan: dict, port: int
+    ) -> dict[str, Any]:
+        """``edgemesh deploy PACKAGE --plan`` run on box ``on``; returns the record."""
+        plan_file = self.root / f"plan-{name}-{len(plan['stages'])}.json"
+        plan_file.write_text(json.dumps(plan))
+        out = on.edgemesh(
+            "deploy", str(package), "--name", name, "--state-dir", str(on.state),
+            "--boxes", str(profiles), "--plan", str(plan_file), "--port", str(port), "--json",
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise MeshError(f"edgemesh deploy failed:\n{out.stderr[-4000:]}\n{self.logs()}")
+        return json.loads(out.stdout)
+
+    def save_logs(self, dest: Path, max_bytes: int = 2 << 20) -> Path:
+        """Copy the lab's text logs (agents, Ray, Serve, stage workers) to ``dest``,
+        for a look after ``close()`` removed the lab."""
+        import shutil
+
+        for path in self.root.rglob("*"):
+            if path.suffix in (".log", ".err", ".out") and path.is_file():
+                if path.stat().st_size <= max_bytes and path.stat().st_size > 0:
+                    target = dest / path.relative_to(self.root)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+        return dest
+
+    def close(self) -> None:
+        for b in self.boxes:
+            b.pull_plug()
+        self.lab.close()
+
+    def __enter__(self) -> MeshLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def equal_split(plan: dict[str, Any]) -> dict[str, Any]:
+    """``plan`` with its stages replaced by the planner's own equal-split baseline
+    (one contiguous, equal share of layers per box), edited as ``edgemesh deploy
+    --plan`` allows; used to force a stage count the cost model would not pick."""
+    base = plan["baselines"]["equal"]
+    stages = [
+        {**s, "predicted_ms": base["bottleneck_ms"], "next_box": None} for s in base["stages"]
+    ]
+    for a, b in itertools.pairwise(stages):
+        a["next_box"] = b["box"]
+    return {**plan, "stages": stages, "bottleneck_ms": base["bottleneck_ms"], "left_out": []}
+
+
+def wait_until(what: Callable[[], Any], timeout: float, why: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise MeshError(f"timed out after {timeout:.0f} s\n{why()}")
+        time.sleep(0.25)
+
+
+# -- talking to the gateway -------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One streamed chat as the client saw it."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    started: float
+    chunk_times: list[float]
+    """``time.monotonic()`` of every chunk that carried text or a finish reason."""
+
+    @property
+    def first_token_s(self) -> float:
+        return self.chunk_times[0] - self.started
+
+    @property
+    def ms_per_token(self) -> float:
+        """Decode latency: first to last chunk over the tokens between them."""
+        if self.completion_tokens < 2 or len(self.chunk_times) < 2:
+            return float("nan")
+        return 1000 * (self.chunk_times[-1] - self.chunk_times[0]) / (self.completion_tokens - 1)
+
+    def gaps_ms(self) -> list[float]:
+        t = self.chunk_times
+        return [1000 * (b - a) for a, b in itertools.pairwise(t)]
+
+
+def stream_chat(
+    base_url: str,
+    model: str,
+    text: str,
+    max_tokens: int,
+    *,
+    on_chunk: Callable[[int], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    timeout: float = 600,
+) -> Stream:
+    """A greedy streamed chat through ``base_url`` (``.../v1``), timed per chunk."""
+    import httpx
+
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    parts: list[str] = []
+    times: list[float] = []
+    reason = None
+    tokens = 0
+    started = time.monotonic()
+    with httpx.Client(timeout=timeout) as http:
+        with http.stream("POST", f"{base_url}/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise MeshError(f"the gateway answered {resp.status_code}: {resp.text[:500]}")
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    raise MeshError(f"the gateway reported an error mid-stream: {data['error']}")
+                if data.get("usage"):
+                    tokens = int(data["usage"]["completion_tokens"])
+                for choice in data.get("choices", []):
+                    delta = choice.get("delta", {})
+                    piece = delta.get("content") or ""
+                    if piece or choice.get("finish_reason"):
+                        times.append(time.monotonic())
+                        parts.append(piece)
+                        reason = choice.get("finish_reason") or reason
+                        if on_chunk is not None:
+                            on_chunk(len(parts))
+                        if on_text is not None and piece:
+                            on_text(piece)
+    return Stream("".join(parts), reason, tokens, started, times)
+
+
+def run_chats(
+    base_url: str,
+    model: str,
+    texts: Sequence[str],
+    max_tokens: int,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> list[Stream]:
+    """Stream every chat at once, one thread each; re-raises the first failure."""
+    results: list[Stream | BaseException | None] = [None] * len(texts)
+
+    def one(i: int) -> None:
+        try:
+            hook = (lambda n: on_chunk(i, n)) if on_chunk else None
+            results[i] = stream_chat(base_url, model, texts[i], max_tokens, on_chunk=hook)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+        if r is None:
+            raise MeshError("a chat did not finish within 900 s")
+    return results  # type: ignore[return-value]
+
+
+def metrics(base_url: str, model: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).json()[model]
+
+
+def reference_texts(
+    package: Path, texts: Sequence[str], max_tokens: int, precision: str
+) -> tuple[list[str], float]:
+    """Greedy answers of one in-process pipeline (the single box), and its
+    median decode ms per token."""
+    import statistics
+
+    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.pipeline import generate, load_pipeline
+
+    pkg = open_package(package)
+    tok = pkg.tokenizer()
+    pipe = load_pipeline(pkg, precision=precision)
+    try:
+        out, ms = [], []
+        for i, text in enumerate(texts):
+            ids = tok.encode_chat([{"role": "user", "content": text}])
+            gen = generate(pipe, ids, max_tokens=max_tokens, seq_id=i)
+            out.append(tok.decode(gen.token_ids))
+            ms.append(1000 / gen.decode_tokens_per_s)
+        return out, statistics.median(ms)
+    finally:
+        pipe.close()
+
+
+def load_1m() -> float:
+    import os
+
+    return round(os.getloadavg()[0], 2)
