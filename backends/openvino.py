@@ -298,7 +298,9 @@ class OpenVinoBackend(Backend):
         req = self._request
         try:
             for name, array in feeds.items():
-                req.set_tensor(name, ov.Tensor(array, shared_memory=True))
+                # OpenVINO refuses to share read-only memory (arrays from Ray's
+                # object store): those are copied, the rest shared.
+                req.set_tensor(name, ov.Tensor(array, shared_memory=array.flags.writeable))
             presents = []
             for j, layer in enumerate(self._layers):
                 req.set_tensor(f"past_key.{layer}", state.kv[2 * j])

@@ -84,7 +84,11 @@ class Box:
         return env
 
     def _argv(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *[str(a) for a in argv]]
+        # nsenter, not `ip netns exec`: the latter mounts a fresh /sys for the
+        # namespace, which hides /sys/fs/cgroup, so a box's fingerprint would
+        # see the host's CPUs and memory instead of its cgroup limits.
+        netns = f"/var/run/netns/{self.name}"
+        return ["nsenter", f"--net={netns}", "--", *[str(a) for a in argv]]
 
     def _preexec(self) -> None:
         # Runs in the child between fork and exec: the new session makes the

@@ -49,3 +49,17 @@ def test_the_cgroup_is_gone_and_its_processes_killed() -> None:
         assert proc.pid in box.pids()
     assert proc.wait(timeout=5) != 0
     assert not any(d.exists() for d in box.dirs)
+
+
+@pytest.mark.netns
+def test_a_namespace_box_fingerprints_its_cgroup_limits() -> None:
+    """The multi-box tests' boxes must look like the weaker boxes they emulate."""
+    from edgemesh.bench.netns import NetnsLab, skip_reason
+
+    if skip_reason():
+        pytest.skip(skip_reason())
+    with NetnsLab(1, subnet="10.76.0", prefix="emf", cpus=0.5, memory_bytes=768 << 20) as lab:
+        out = lab.boxes[0].run([sys.executable, "-m", "edgemesh", "info", "--json"], check=True)
+    info = json.loads(out.stdout)
+    assert info["cpu"]["cores_effective"] == pytest.approx(0.5)
+    assert info["memory"]["limit_bytes"] == 768 << 20

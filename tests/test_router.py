@@ -344,3 +344,29 @@ def test_a_joining_box_is_used_only_when_the_plan_improves_by_the_margin(package
     placer.margin = 0.99  # a gain the placer will not pay a pause for
     assert placer.after_join({"a", "b", "c"}) is None
     assert len(placer.plan.stages) == 2
+
+    # A deploy whose plan leaves out a box it profiled: that box, seen alive
+    # in the next poll, is no join and must not pull the model onto itself.
+    left_out = PlanPlacer(manifest, plan(manifest, boxes[:2], None, options), boxes)
+    assert left_out.after_join({"a", "b", "c"}) is None
+
+
+def test_hidden_states_beyond_fp16_range_travel_at_fp32() -> None:
+    from edgemesh.router.stage import to_wire
+
+    small = np.array([[1.5, -2.0]], np.float32)
+    assert to_wire(small, np.dtype(np.float16)).dtype == np.float16
+    big = np.array([[82_500.0, 1.0]], np.float32)  # Gemma 3's residual stream does this
+    sent = to_wire(big, np.dtype(np.float16))
+    assert sent.dtype == np.float32 and np.isfinite(sent).all() and sent[0, 0] == 82_500.0
+
+
+def test_batches_from_the_object_store_reach_backends_writeable() -> None:
+    from edgemesh.router.stage import Batch
+
+    data = np.zeros((3, 4), np.float32)
+    data.flags.writeable = False  # as Ray hands arrays over
+    batch = Batch([1, 2], [0, 5], [2, 1], ["last", "last"], data)
+    inputs = batch.inputs(first=False)
+    assert [i.hidden.shape for i in inputs] == [(2, 4), (1, 4)]
+    assert all(i.hidden.flags.writeable for i in inputs)

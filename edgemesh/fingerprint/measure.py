@@ -152,9 +152,9 @@ def run_benchmarks(
     # A decode step streams every weight from RAM. Weights that fit in the
     # last-level cache (300 MiB on some server CPUs) would measure the cache
     # instead and overstate bandwidth several times, so size past it, within
-    # a quarter of the memory limit.
+    # an eighth of the memory limit (building the graphs holds a few copies).
     llc = last_level_cache_bytes() or 0
-    cap = max(16 * MIB, memory_limit_bytes // 4)
+    cap = max(16 * MIB, memory_limit_bytes // 8)
     weight_bytes = int(min(max(WEIGHT_BYTES, LLC_MULTIPLE * llc), cap))
     copy_bytes = int(min(max(COPY_BYTES, LLC_MULTIPLE * llc), cap))
     bandwidth = kernels.memory_bandwidth(copy_bytes)

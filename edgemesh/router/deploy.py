@@ -53,16 +53,38 @@ def mesh_boxes(ray: Any) -> list[MeshBox]:
     return sorted(out, key=lambda b: b.id)
 
 
-def _profile(box_id: str) -> dict[str, Any]:
+# The head also runs Ray Serve (controller, proxy, the gateway replica with its
+# engine), which starts after the boxes are profiled: about 0.7 GB more than a
+# worker's agent + Ray node in the memory benchmark (bench/memory.py).
+SERVE_RESERVE_BYTES = 800 * 1024 * 1024
+
+
+def _profile(box_id: str, is_head: bool) -> dict[str, Any]:
+    """The box's planner profile, with the memory its stages can really use.
+
+    ``memory_limit_bytes`` becomes what is *available* now: the box's agent,
+    Ray node and this task already live inside its limit (a cgroup's usage is
+    counted against it), so planning against the bare limit over-commits and
+    stages get OOM-killed on small boxes.
+    """
     from edgemesh.fingerprint import collect
 
-    return collect(measure=True, box_id=box_id).profile()
+    fp = collect(measure=True, box_id=box_id)
+    profile = fp.profile()
+    usable = min(fp.memory.limit_bytes, fp.memory.available_bytes)
+    if is_head:
+        usable -= SERVE_RESERVE_BYTES
+    profile["memory_limit_bytes"] = max(0, usable)
+    return profile
 
 
 def measure_profiles(ray: Any, boxes: list[MeshBox], timeout_s: float = 600.0) -> list[dict]:
     """Each box measures itself (on its own CPU) in a task pinned to it."""
     task = ray.remote(_profile)
-    refs = [task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(b.id) for b in boxes]
+    refs = [
+        task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(b.id, b.is_head)
+        for b in boxes
+    ]
     profiles = ray.get(refs, timeout=timeout_s)
     for b, p in zip(boxes, profiles, strict=True):
         p["id"] = b.id

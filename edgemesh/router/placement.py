@@ -94,8 +94,10 @@ class PlanPlacer:
         self.package_dir = package_dir
         self.stage_defaults = dict(stage_defaults or {})
         self.margin = REPLAN_MARGIN
-        self._considered = frozenset(st.box for st in plan.stages)
-        """Boxes the current plan was chosen from (a join re-plans only when this grows)."""
+        self._considered = frozenset(self.profiled()) | {st.box for st in plan.stages}
+        """Boxes the current plan was chosen from (a join re-plans only when this
+        grows): every box profiled at deploy time, including those the plan left
+        out on purpose, so they do not count as new joins seconds later."""
 
     def specs(self, plan: Any) -> list[StageSpec]:
         return with_wires(

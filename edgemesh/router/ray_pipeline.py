@@ -149,8 +149,12 @@ class RayPipeline:
         with self._cond:
             self._history.pop(seq_id, None)
             actors = list(self._actors)
-        for actor in actors:  # fire and forget: a dead box has nothing to free
-            actor.release.remote([seq_id])
+        refs = [actor.release.remote([seq_id]) for actor in actors]
+        # Wait (briefly) so the freed KV slot is free before the engine admits the
+        # next sequence: stages accept calls concurrently, so a new sequence's
+        # forward could otherwise overtake this release and find every slot busy.
+        # A dead box has nothing to free: its error is not waited for or raised.
+        self._ray.wait(refs, num_returns=len(refs), timeout=5.0)
 
     def close(self) -> None:
         with self._cond:

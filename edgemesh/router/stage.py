@@ -38,6 +38,7 @@ from edgemesh.router.artifacts import (
 log = logging.getLogger(__name__)
 
 WIRE_DTYPES = ("float16", "float32")
+FP16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,18 @@ class StageSpec:
         return cls(**d)
 
 
+def to_wire(hidden: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Hidden states as sent to the next stage, in ``dtype`` where they fit.
+
+    Some residual streams leave fp16's range (Gemma 3 reaches ~82,500 after a
+    few layers): such a micro-batch travels at fp32 rather than arriving as
+    infinities.
+    """
+    if dtype == np.float16 and hidden.size and float(np.abs(hidden).max()) > FP16_MAX:
+        dtype = np.dtype(np.float32)
+    return hidden.astype(dtype, copy=False)
+
+
 def wire_dtype(sender_precision: str, receiver_precision: str) -> str:
     """fp16 on the wire only where neither side computes at fp32, so an fp32
     pipeline stays token-identical to a single box."""
@@ -119,12 +132,15 @@ class Batch:
         )
 
     def inputs(self, first: bool) -> list[SeqInput]:
+        # Arrays that come out of Ray's object store are read-only views; the
+        # backends may write into (or share memory with) what they are given.
+        data = self.data if self.data.flags.writeable else self.data.copy()
         out = []
         offset = 0
         for sid, pos, n, lg in zip(
             self.seq_ids, self.start_pos, self.lengths, self.logits, strict=True
         ):
-            part = self.data[offset : offset + n]
+            part = data[offset : offset + n]
             offset += n
             out.append(
                 SeqInput(sid, pos, tokens=part, logits=lg)
@@ -297,9 +313,6 @@ class StageWorker:
             picks = job.picks if job.picks is not None else [None] * len(outputs)
             return apply_picks(outputs, picks)
         dtype = np.dtype(self.spec.wire)
-        data = (
-            np.concatenate(outputs).astype(dtype, copy=False)
-            if outputs
-            else np.zeros((0, self.hidden_size), dtype)
-        )
-        return job.batch.with_data(data)
+        if not outputs:
+            return job.batch.with_data(np.zeros((0, self.hidden_size), dtype))
+        return job.batch.with_data(to_wire(np.concatenate(outputs), dtype))

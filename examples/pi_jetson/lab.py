@@ -27,8 +27,7 @@ GiB = 1 << 30
 BOXES = {"pi": (1.0, 3 * GiB), "jetson": (2.0, 6 * GiB)}
 PORT = 8000
 BACKENDS = ("onnxruntime",)
-"""What the emulated boxes may run: a Pi has no OpenVINO, and the mesh's
-OpenVINO stages failed here on read-only input arrays (reported)."""
+"""What the emulated boxes may run: neither a Pi nor a Jetson's CPU runs OpenVINO."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
