@@ -81,29 +81,27 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def figure_single() -> str:
     out = "## 1. Single box: edgemesh backends vs llama-cpp-python\n"
-    single = _load("single")
-    backends = _load("backends")
-    if single is None and backends is None:
+    # single.json holds every engine of backends.json plus the HTTP path.
+    result = _load("single") or _load("backends")
+    if result is None:
         return out + _missing("edgemesh bench single")
+    ref = result["runs"]["llama-cpp-python"]["decode_tokens_per_s"]
     rows = []
-    if single:
-        ref = single.get("llamacpp_tokens_per_s")
-        for name, run in single.get("runs", {}).items():
-            tps = run.get("decode_tokens_per_s")
-            rows.append(
-                [name, run.get("precision"), tps, run.get("ttft_ms"), run.get("peak_rss_mb"),
-                 tps / ref if ref and tps else None]
-            )  # fmt: skip
-    if backends:
-        ref = backends.get("llamacpp_tokens_per_s") or backends.get("reference_tokens_per_s")
-        for name, run in backends.get("runs", {}).items():
-            tps = run.get("decode_tokens_per_s")
-            rows.append(
-                [f"{name} ({backends.get('model', '')})", run.get("precision"), tps,
-                 run.get("ttft_ms"), run.get("peak_rss_mb"), tps / ref if ref and tps else None]
-            )  # fmt: skip
+    for name, run in result["runs"].items():
+        tps = run.get("decode_tokens_per_s")
+        rows.append(
+            [name, run.get("precision"), tps, run.get("ttft_ms"), run.get("peak_rss_mb"),
+             tps / ref if ref and tps else None]
+        )  # fmt: skip
     out += _table(
         ["engine", "precision", "decode tok/s", "TTFT ms", "peak RSS MB", "× llama.cpp"], rows
+    )
+    out += (
+        f"\n{result.get('model')}, {result.get('prompt_tokens')}-token prompt, "
+        f"{result.get('tokens')} greedy tokens, {result.get('threads')} threads, median of "
+        f"{result.get('repeats')}; 1-minute load average {result.get('loadavg_1m', '?')}. "
+        "`llamacpp` is edgemesh's backend on the same GGUF; `onnxruntime`/`openvino` run the "
+        "converted package; `gateway-llamacpp` streams over HTTP from `edgemesh serve`.\n"
     )
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
@@ -111,10 +109,7 @@ def figure_single() -> str:
     ax.set_xlabel("decode tokens/s (higher is better)")
     ax.invert_yaxis()
     out += _save(fig, "single_box.png")
-    for result in (single, backends):
-        if result:
-            out += _provenance(result)
-    return out
+    return out + _provenance(result)
 
 
 # -- figures 2 and 3: pipeline --------------------------------------------
