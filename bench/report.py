@@ -280,6 +280,13 @@ def figure_planner() -> str:
         ax.set_ylabel("ms per token")
         ax.legend()
         out += _save(fig, "planner_check.png")
+        out += (
+            "\nThe cost model prices each stage from the box's matmul micro-benchmarks "
+            "(`edgemesh info --measure`); a ratio far from 1 means the runtime's real "
+            "layer graphs run at a different speed than its benchmark kernel on that box "
+            "(per-call overheads, thread behaviour under a CPU quota), which the model "
+            "does not yet capture.\n"
+        )
         out += _provenance(check)
     rows = []
     for r in scenario_report():

@@ -27,7 +27,6 @@ PRECISIONS = {
     "openvino": ("fp32", "int8", "int4"),
 }
 INT4_BLOCK = 32  # MatMulNBits quantization block along K
-OV_INT4_GROUP = 128  # OpenVINO's usual int4 group size
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,8 @@ def numpy_runner(precision: str, shape: Shape, threads: int) -> Callable[[np.nda
 
 
 def _onnx_model(precision: str, shape: Shape) -> bytes:
-    """The matmul chain as an ONNX graph; int8 uses com.microsoft
-    DynamicQuantizeMatMul, int4 com.microsoft MatMulNBits."""
+    """The matmul chain as an ONNX graph; int8 and int4 use com.microsoft
+    MatMulNBits with 32-wide blocks, like the converted packages."""
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:
@@ -112,17 +111,15 @@ def _onnx_model(precision: str, shape: Shape) -> bytes:
             dtype = np.float16 if precision == "fp16" else np.float32
             inits.append(numpy_helper.from_array(_filler((k, k), dtype, i), w))
             nodes.append(helper.make_node("MatMul", [x, w], [y]))
-        elif precision == "int8":
-            inits.append(numpy_helper.from_array(_filler((k, k), np.int8, i), w))
-            inits.append(numpy_helper.from_array(np.array(1 / (127 * np.sqrt(k)), np.float32), s))
-            nodes.append(
-                helper.make_node("DynamicQuantizeMatMul", [x, w, s], [y], domain="com.microsoft")
-            )
-        else:  # int4: B is [N, K/block, block/2] packed nibbles, one scale per block
+        else:
+            # MatMulNBits, as the converted packages store int8/int4 weights
+            # (sharding/quantize.py), so the figure describes the kernel that
+            # will run: B is [N, K/block, block*bits/8] uint8, one scale a block.
+            bits = 8 if precision == "int8" else 4
             blocks = k // INT4_BLOCK
-            packed = _filler((k, blocks, INT4_BLOCK // 2), np.uint8, i)
+            packed = _filler((k, blocks, INT4_BLOCK * bits // 8), np.uint8, i)
             inits.append(numpy_helper.from_array(packed, w))
-            scales = np.full(k * blocks, 1 / (8 * np.sqrt(k)), np.float32)
+            scales = np.full(k * blocks, 1 / (2 ** (bits - 1) * np.sqrt(k)), np.float32)
             inits.append(numpy_helper.from_array(scales, s))
             nodes.append(
                 helper.make_node(
@@ -132,7 +129,7 @@ def _onnx_model(precision: str, shape: Shape) -> bytes:
                     domain="com.microsoft",
                     K=k,
                     N=k,
-                    bits=4,
+                    bits=bits,
                     block_size=INT4_BLOCK,
                     accuracy_level=4,  # int8 activations: the fast CPU path
                 )
@@ -190,53 +187,36 @@ def onnxruntime_runner(
     return run
 
 
-def _ov_weight(precision: str, k: int, seed: int):  # -> openvino Node
-    """Weights laid out ``[N, K]`` (multiplied with transpose_b) as NNCF
-    writes them: fp32 constants, or the compressed pattern the OpenVINO CPU
-    plugin fuses into its FullyConnected: Constant(i8/u4) -> Convert
-    (-> Subtract zero point) -> Multiply scale."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    if precision == "fp32":
-        return ops.constant(_filler((k, k), np.float32, seed))
-    if precision == "int8":
-        q = ops.convert(ops.constant(_filler((k, k), np.int8, seed)), ov.Type.f32)
-        return ops.multiply(q, ops.constant(np.full((k, 1), 1 / (127 * np.sqrt(k)), np.float32)))
-    groups = k // OV_INT4_GROUP
-    tensor = ov.Tensor(ov.Type.u4, [k, groups, OV_INT4_GROUP])  # packed: 2 per byte
-    np.copyto(tensor.data.reshape(-1), _filler((k, k // 2), np.uint8, seed).reshape(-1))
-    q = ops.subtract(ops.convert(ops.constant(tensor), ov.Type.f32), ops.constant(np.float32(8)))
-    deq = ops.multiply(q, ops.constant(np.full((k, groups, 1), 1 / (8 * np.sqrt(k)), np.float32)))
-    return ops.reshape(deq, ops.constant(np.array([k, k], np.int64)), False)
-
-
 def openvino_runner(precision: str, shape: Shape, threads: int) -> Callable[[np.ndarray], object]:
-    """The chain compiled by OpenVINO for CPU at f32 activations (so a bf16
+    """The same ONNX chain the onnxruntime figure runs (so int8/int4 are the
+    packages' MatMulNBits, which OpenVINO's ONNX reader maps onto its
+    compressed-weight kernels), compiled for CPU at f32 activations (so a bf16
     default on AMX CPUs does not blur the comparison)."""
+    import tempfile
+    from pathlib import Path
+
     try:
         import openvino as ov
-        import openvino.opset13 as ops
     except ImportError as exc:
         raise MissingExtraError("openvino", "openvino") from exc
 
-    x = ops.parameter([-1, shape.k], ov.Type.f32, name="x")
-    y = x
-    for i in range(shape.layers):
-        y = ops.matmul(y, _ov_weight(precision, shape.k, i), False, True)
     config = {
         "INFERENCE_PRECISION_HINT": "f32",
         "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
     }
-    try:
-        compiled = ov.Core().compile_model(ov.Model([y], [x], f"matmul_{precision}"), "CPU", config)
-    except RuntimeError as exc:
-        raise BackendError(f"OpenVINO cannot compile {precision} MatMul here: {exc}") from exc
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"matmul_{precision}.onnx"
+        path.write_bytes(_onnx_model(precision, shape))
+        try:
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except RuntimeError as exc:
+            raise BackendError(f"OpenVINO cannot compile {precision} MatMul here: {exc}") from exc
     request = compiled.create_infer_request()
 
     def run(a: np.ndarray) -> object:
-        return request.infer({0: a})
+        return request.infer({0: a.astype(np.float16 if precision == "fp16" else np.float32)})
 
     return run
 

@@ -29,7 +29,7 @@ from edgemesh.errors import BackendError, FingerprintError, MissingExtraError
 from edgemesh.fingerprint import kernels
 from edgemesh.fingerprint.model import CpuInfo, MatmulFigure, Measurement
 
-SCHEMA = 2  # bump when what is measured changes, so old caches are ignored
+SCHEMA = 3  # bump when what is measured changes, so old caches are ignored
 MIB = 1024 * 1024
 MATMUL_K = 2048  # hidden sizes of 1-3B models; K = N
 WEIGHT_BYTES = 64 * MIB  # per precision: more than an edge box's last-level cache
