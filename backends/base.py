@@ -18,15 +18,16 @@ Ray actor).
 from __future__ import annotations
 
 import importlib.util
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from edgemesh.errors import ConfigError
+from edgemesh.errors import ConfigError, InferenceError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 
@@ -181,3 +182,48 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PerSequenceBackend(Backend):
+    """A backend that runs its shard one sequence at a time and keeps each
+    sequence's KV state in ``_seqs`` (the ONNX-path engines).
+
+    Subclasses implement ``_one`` (one sequence's forward, updating its state)
+    and ``_free`` (drop the runtime's objects on close); ``label`` names the
+    runtime in errors. Calls are serialized: a runtime session is not safe to
+    run from two threads on the same KV state.
+    """
+
+    label: ClassVar[str]
+
+    def __init__(self, shard: ShardSpec, options: BackendOptions | None = None) -> None:
+        super().__init__(shard, options)
+        self._seqs: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
+        with self._lock:
+            if self._closed:
+                raise InferenceError(f"the {self.label} backend is closed")
+            return [self._one(item) for item in batch]
+
+    def release(self, seq_id: int) -> None:
+        with self._lock:
+            self._seqs.pop(seq_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._seqs.clear()
+            self._free()
+
+    @abstractmethod
+    def _one(self, item: SeqInput) -> np.ndarray:
+        """Run one sequence's new tokens/hidden states; called under the lock."""
+
+    @abstractmethod
+    def _free(self) -> None:
+        """Drop the runtime's session/engine objects (close, under the lock)."""

@@ -20,14 +20,18 @@ This module is the only place edgemesh imports ``onnxruntime``.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import PRECISIONS, Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.backends.base import (
+    PRECISIONS,
+    Capabilities,
+    PerSequenceBackend,
+    SeqInput,
+    ShardSpec,
+)
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -74,10 +78,11 @@ def select_providers(ort: Any, device: str) -> list[Any]:
     return [(p, opts) for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(PerSequenceBackend):
     """A layer range of an edgemesh package on onnxruntime."""
 
     name = "onnxruntime"
+    label = "onnxruntime"
     module = "onnxruntime"
     extra = "onnx"
     capabilities = Capabilities(
@@ -135,9 +140,6 @@ class OnnxRuntimeBackend(Backend):
         self._last = shard.is_last
         self._layers = list(range(start, stop))
         self._out_names = [o.name for o in self._session.get_outputs()]
-        self._seqs: dict[int, _Sequence] = {}
-        self._lock = threading.Lock()
-        self._closed = False
         log.info(
             "onnxruntime: layers %s at %s on %s (%s)",
             shard.layers,
@@ -148,23 +150,8 @@ class OnnxRuntimeBackend(Backend):
 
     # -- contract ---------------------------------------------------------
 
-    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
-        with self._lock:
-            if self._closed:
-                raise InferenceError("the onnxruntime backend is closed")
-            return [self._one(item) for item in batch]
-
-    def release(self, seq_id: int) -> None:
-        with self._lock:
-            self._seqs.pop(seq_id, None)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._seqs.clear()
-            self._session = None
+    def _free(self) -> None:
+        self._session = None
 
     # -- internals --------------------------------------------------------
 

@@ -30,15 +30,19 @@ This module is the only place edgemesh imports ``openvino``.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import PRECISIONS, Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.backends.base import (
+    PRECISIONS,
+    Capabilities,
+    PerSequenceBackend,
+    SeqInput,
+    ShardSpec,
+)
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -116,10 +120,11 @@ def compile_options(ov_props: Any, threads: int | None) -> dict[Any, Any]:
     return config
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(PerSequenceBackend):
     """A layer range of an edgemesh package on OpenVINO (CPU, or an Intel GPU)."""
 
     name = "openvino"
+    label = "OpenVINO"
     module = "openvino"
     extra = "openvino"
     capabilities = Capabilities(
@@ -178,9 +183,6 @@ class OpenVinoBackend(Backend):
         self._last = shard.is_last
         self._layers = list(range(start, stop))
         self._main_out = "logits" if self._last else "hidden_out"
-        self._seqs: dict[int, _Sequence] = {}
-        self._lock = threading.Lock()
-        self._closed = False
         log.info(
             "openvino: layers %s at %s on %s (%s)",
             shard.layers,
@@ -191,24 +193,9 @@ class OpenVinoBackend(Backend):
 
     # -- contract ---------------------------------------------------------
 
-    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
-        with self._lock:
-            if self._closed:
-                raise InferenceError("the OpenVINO backend is closed")
-            return [self._one(item) for item in batch]
-
-    def release(self, seq_id: int) -> None:
-        with self._lock:
-            self._seqs.pop(seq_id, None)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._seqs.clear()
-            self._request = None
-            self._compiled = None
+    def _free(self) -> None:
+        self._request = None
+        self._compiled = None
 
     # -- introspection ----------------------------------------------------
 

@@ -36,15 +36,19 @@ import importlib.util
 import json
 import logging
 import os
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import PRECISIONS, Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.backends.base import (
+    PRECISIONS,
+    Capabilities,
+    PerSequenceBackend,
+    SeqInput,
+    ShardSpec,
+)
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -154,10 +158,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class TensorRtBackend(Backend):
+class TensorRtBackend(PerSequenceBackend):
     """A layer range of an edgemesh package as a TensorRT engine on one NVIDIA GPU."""
 
     name = "tensorrt"
+    label = "TensorRT"
     module = "tensorrt"
     extra = "tensorrt"
     capabilities = Capabilities(
@@ -225,9 +230,6 @@ class TensorRtBackend(Backend):
         if self._context is None:
             raise ShardLoadError("TensorRT could not create an execution context (GPU memory?)")
         self._stream = self._torch.cuda.Stream(device=self._device)
-        self._seqs: dict[int, _Sequence] = {}
-        self._lock = threading.Lock()
-        self._closed = False
 
     # -- engine build / cache -------------------------------------------
 
@@ -327,24 +329,9 @@ class TensorRtBackend(Backend):
 
     # -- contract ---------------------------------------------------------
 
-    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
-        with self._lock:
-            if self._closed:
-                raise InferenceError("the TensorRT backend is closed")
-            return [self._one(item) for item in batch]
-
-    def release(self, seq_id: int) -> None:
-        with self._lock:
-            self._seqs.pop(seq_id, None)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._seqs.clear()
-            self._context = None
-            self._engine = None
+    def _free(self) -> None:
+        self._context = None
+        self._engine = None
 
     def kv_bytes(self) -> int:
         """Device bytes held in the KV tensors of every live sequence."""
