@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgemesh.errors import ConfigError, InferenceError
+from edgemesh.errors import ConfigError, ContextOverflowError, InferenceError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 
@@ -219,6 +219,44 @@ class PerSequenceBackend(Backend):
             self._closed = True
             self._seqs.clear()
             self._free()
+
+    def _check_room(self, item: SeqInput, context_length: int) -> int:
+        """The number of new positions, refusing empty calls and context overflow."""
+        n = item.length
+        if n < 1:
+            raise InferenceError("a forward call needs at least one new token")
+        if item.start_pos + n > context_length:
+            raise ContextOverflowError(
+                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
+                f"is {context_length}"
+            )
+        return n
+
+    def _range_feeds(self, item: SeqInput, hidden_size: int) -> dict[str, np.ndarray]:
+        """A layer-range graph's inputs for one sequence (batch of 1), except
+        the KV cache: ``input_ids`` or ``hidden_in``, ``position_ids`` and, on
+        the last range, ``logit_index`` (see ``sharding/package.py``)."""
+        n = item.length
+        layers = self.shard.layers
+        if self.shard.is_first:
+            if item.tokens is None:
+                raise InferenceError(f"layers {layers} start the model: send token ids")
+            feeds = {"input_ids": np.ascontiguousarray(item.tokens, dtype=np.int64).reshape(1, n)}
+        else:
+            if item.hidden is None:
+                raise InferenceError(f"layers {layers} take hidden states, not tokens")
+            hidden = np.ascontiguousarray(item.hidden, dtype=np.float32)
+            if hidden.shape != (n, hidden_size):
+                raise InferenceError(
+                    f"hidden states of shape {hidden.shape}; layers {layers} "
+                    f"take [{n}, {hidden_size}]"
+                )
+            feeds = {"hidden_in": hidden[None]}  # [1, S, H]
+        feeds["position_ids"] = np.arange(item.start_pos, item.start_pos + n, dtype=np.int64)[None]
+        if self.shard.is_last:
+            rows = np.arange(n) if item.logits == "all" else np.array([n - 1])
+            feeds["logit_index"] = rows.astype(np.int64)
+        return feeds
 
     @abstractmethod
     def _one(self, item: SeqInput) -> np.ndarray:

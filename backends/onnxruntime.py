@@ -35,7 +35,6 @@ from edgemesh.backends.base import (
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
-    ContextOverflowError,
     InferenceError,
     ShardLoadError,
     require,
@@ -183,38 +182,10 @@ class OnnxRuntimeBackend(PerSequenceBackend):
         return self._ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
 
     def _feeds(self, item: SeqInput) -> dict[str, np.ndarray]:
-        n = item.length
-        if self._first:
-            if item.tokens is None:
-                raise InferenceError(f"layers {self.shard.layers} start the model: send token ids")
-            main = ("input_ids", np.asarray(item.tokens, dtype=np.int64).reshape(1, n))
-        else:
-            if item.hidden is None:
-                raise InferenceError(f"layers {self.shard.layers} take hidden states, not tokens")
-            hidden = np.asarray(item.hidden, dtype=np.float32)
-            if hidden.shape != (n, self.hidden_size):
-                raise InferenceError(
-                    f"hidden states of shape {hidden.shape}; layers {self.shard.layers} "
-                    f"take [{n}, {self.hidden_size}]"
-                )
-            hidden = hidden[None]  # [1, S, H]
-            main = ("hidden_in", hidden)
-        feeds = dict([main])
-        feeds["position_ids"] = np.arange(item.start_pos, item.start_pos + n, dtype=np.int64)[None]
-        if self._last:
-            rows = np.arange(n) if item.logits == "all" else np.array([n - 1])
-            feeds["logit_index"] = rows.astype(np.int64)
-        return feeds
+        return self._range_feeds(item, self.hidden_size)
 
     def _one(self, item: SeqInput) -> np.ndarray:
-        n = item.length
-        if n < 1:
-            raise InferenceError("a forward call needs at least one new token")
-        if item.start_pos + n > self.context_length:
-            raise ContextOverflowError(
-                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
-                f"is {self.context_length}"
-            )
+        n = self._check_room(item, self.context_length)
         state = self._state(item)
         feeds = self._feeds(item)
         try:

@@ -52,7 +52,6 @@ from edgemesh.backends.base import (
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
-    ContextOverflowError,
     CorruptArtifactError,
     InferenceError,
     ShardLoadError,
@@ -364,14 +363,7 @@ class TensorRtBackend(PerSequenceBackend):
         return state
 
     def _one(self, item: SeqInput) -> np.ndarray:
-        n = item.length
-        if n < 1:
-            raise InferenceError("a forward call needs at least one new token")
-        if item.start_pos + n > self.context_length:
-            raise ContextOverflowError(
-                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
-                f"is {self.context_length}"
-            )
+        n = self._check_room(item, self.context_length)
         if self._first and item.tokens is None:
             raise InferenceError(f"layers {self.shard.layers} start the model: send token ids")
         if not self._first and item.hidden is None:
