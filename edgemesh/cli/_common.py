@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,12 +26,3 @@ def user_errors() -> Iterator[None]:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
-
-
-def not_yet(name: str) -> Callable[..., None]:
-    def command() -> None:
-        typer.echo(f"error: `edgemesh {name}` is not available in this build yet", err=True)
-        raise typer.Exit(2)
-
-    command.__doc__ = f"(not available yet) {name}"
-    return command
