@@ -220,6 +220,33 @@ class PerSequenceBackend(Backend):
             self._seqs.clear()
             self._free()
 
+    def _open_range(self) -> Any:
+        """Open the shard's package and read what a range needs from its
+        manifest: ``hidden_size``, ``vocab_size``, ``_kv_heads``, ``_head_dim``,
+        ``context_length`` (the option, capped by the model), ``max_sequences``,
+        ``_first``/``_last`` and ``_layers``. Returns the ``Package``."""
+        from edgemesh.sharding.package import open_package
+
+        shard = self.shard
+        package = open_package(shard.model)
+        manifest = package.manifest
+        if package.num_layers != shard.num_layers:
+            raise ConfigError(
+                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
+            )
+        package.check_range(shard.layers.start, shard.layers.stop, shard.precision)
+        self.hidden_size = manifest.hidden_size
+        self.vocab_size = manifest.vocab_size
+        self._kv_heads = int(manifest.extra["kv_heads"])
+        self._head_dim = int(manifest.extra["head_dim"])
+        self.context_length = min(
+            self.options.context_length or manifest.context_length, manifest.context_length
+        )
+        self.max_sequences = max(1, self.options.max_sequences)
+        self._first, self._last = shard.is_first, shard.is_last
+        self._layers = list(range(shard.layers.start, shard.layers.stop))
+        return package
+
     def _check_room(self, item: SeqInput, context_length: int) -> int:
         """The number of new positions, refusing empty calls and context overflow."""
         n = item.length

@@ -96,27 +96,12 @@ class OnnxRuntimeBackend(PerSequenceBackend):
     def __init__(self, shard: ShardSpec, options: Any = None, *, io_binding: bool = True) -> None:
         super().__init__(shard, options)
         ort = require("onnxruntime", "onnx")
-        from edgemesh.sharding.package import open_package
-
         self._ort = ort
         self._io_binding = io_binding
-        package = open_package(shard.model)
-        if package.num_layers != shard.num_layers:
-            raise ConfigError(
-                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
-            )
+        package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop
-        package.check_range(start, stop, shard.precision)
         path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
-        extra = package.manifest.extra
-        self.hidden_size = package.manifest.hidden_size
-        self.vocab_size = package.manifest.vocab_size
-        self._kv_shape = (1, int(extra["kv_heads"]), 0, int(extra["head_dim"]))
-        self.context_length = min(
-            self.options.context_length or package.manifest.context_length,
-            package.manifest.context_length,
-        )
-        self.max_sequences = max(1, self.options.max_sequences)
+        self._kv_shape = (1, self._kv_heads, 0, self._head_dim)
         providers = select_providers(ort, self.options.device)
         so = ort.SessionOptions()
         if self.options.threads:
@@ -135,9 +120,6 @@ class OnnxRuntimeBackend(PerSequenceBackend):
         self._device_id = (
             int(providers[0][1]["device_id"]) if isinstance(providers[0], tuple) else 0
         )
-        self._first = shard.is_first
-        self._last = shard.is_last
-        self._layers = list(range(start, stop))
         self._out_names = [o.name for o in self._session.get_outputs()]
         log.info(
             "onnxruntime: layers %s at %s on %s (%s)",

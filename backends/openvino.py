@@ -138,27 +138,12 @@ class OpenVinoBackend(PerSequenceBackend):
     def __init__(self, shard: ShardSpec, options: Any = None) -> None:
         super().__init__(shard, options)
         ov = require("openvino", "openvino")
-        from edgemesh.sharding.package import default_cache_dir, open_package
+        from edgemesh.sharding.package import default_cache_dir
 
         self._ov = ov
-        package = open_package(shard.model)
-        if package.num_layers != shard.num_layers:
-            raise ConfigError(
-                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
-            )
+        package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop
-        package.check_range(start, stop, shard.precision)
         path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
-        extra = package.manifest.extra
-        self.hidden_size = package.manifest.hidden_size
-        self.vocab_size = package.manifest.vocab_size
-        self._kv_heads = int(extra["kv_heads"])
-        self._head_dim = int(extra["head_dim"])
-        self.context_length = min(
-            self.options.context_length or package.manifest.context_length,
-            package.manifest.context_length,
-        )
-        self.max_sequences = max(1, self.options.max_sequences)
         core = ov.Core()
         self.device = select_device(core, self.options.device)
         cache = Path(self.options.cache_dir or default_cache_dir()) / "openvino"
@@ -178,9 +163,6 @@ class OpenVinoBackend(PerSequenceBackend):
                 f"OpenVINO could not compile layers {shard.layers} ({shard.precision}) of "
                 f"'{package.manifest.name}' for {self.device}: {exc}"
             ) from exc
-        self._first = shard.is_first
-        self._last = shard.is_last
-        self._layers = list(range(start, stop))
         self._main_out = "logits" if self._last else "hidden_out"
         log.info(
             "openvino: layers %s at %s on %s (%s)",

@@ -195,27 +195,10 @@ class TensorRtBackend(PerSequenceBackend):
             raise BackendUnavailableError(
                 "torch has no CUDA here", hint="install a CUDA build of torch next to TensorRT"
             )
-        from edgemesh.sharding.package import default_cache_dir, open_package
+        from edgemesh.sharding.package import default_cache_dir
 
-        package = open_package(shard.model)
-        if package.num_layers != shard.num_layers:
-            raise ConfigError(
-                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
-            )
+        package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop
-        package.check_range(start, stop, shard.precision)
-        extra = package.manifest.extra
-        self.hidden_size = package.manifest.hidden_size
-        self.vocab_size = package.manifest.vocab_size
-        self._kv_heads = int(extra["kv_heads"])
-        self._head_dim = int(extra["head_dim"])
-        self.context_length = min(
-            self.options.context_length or package.manifest.context_length,
-            package.manifest.context_length,
-        )
-        self.max_sequences = max(1, self.options.max_sequences)
-        self._first, self._last = shard.is_first, shard.is_last
-        self._layers = list(range(start, stop))
         index = int(self.options.device.partition(":")[2] or 0)
         self._device = self._torch.device("cuda", index)
         cache = Path(self.options.cache_dir or default_cache_dir())
