@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -22,10 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.bench.netns import Box, NetnsLab
 from edgemesh.errors import BoxLostError, MeshError
+
+if TYPE_CHECKING:
+    from edgemesh.mesh import MemberEvent, MeshStatus
 
 HOST = 254
 
@@ -49,10 +53,38 @@ class MeshBox:
         ]  # fmt: skip
         self.proc = self.box.spawn(argv, env=self.box.env(), log=self.box.dir / "join.log")
 
+    def leave(self) -> int | None:
+        """SIGTERM the join process alone, as a service manager would: it says
+        goodbye and must stop its own Ray node; returns its exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.box.kill(proc)
+            proc.wait(timeout=10)
+            return None
+
     def pull_plug(self) -> None:
         """SIGKILL every process of the box (its cable pulled)."""
         self.proc = None
         self.box.kill_all()
+
+    def status(self) -> MeshStatus | None:
+        """What this box's agent says of the mesh (None when it says nothing)."""
+        from edgemesh.mesh import read_status
+
+        try:
+            return read_status(self.state)
+        except BoxLostError:
+            return None
+
+    def events(self) -> list[MemberEvent]:
+        from edgemesh.mesh import follow
+
+        return list(follow(self.state, from_start=True, timeout=0, poll_s=0))
 
     def edgemesh(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return self.box.run([sys.executable, "-m", "edgemesh", *args], timeout=timeout)
@@ -107,6 +139,21 @@ class MeshBox:
         return None
 
 
+def formed(boxes: Sequence[MeshBox]) -> str | None:
+    """The head's id once every box sees all of ``boxes`` with live Ray nodes."""
+    want = sorted(b.id for b in boxes)
+    heads = set()
+    for b in boxes:
+        st = b.status()
+        if st is None:
+            return None
+        alive = sorted(n["box"] for n in st.ray_nodes if n["alive"])
+        if sorted(x.id for x in st.boxes) != want or alive != want or st.head is None:
+            return None
+        heads.add(st.head)
+    return heads.pop() if len(heads) == 1 else None
+
+
 @dataclass
 class BoxLimits:
     cpus: float | None = None
@@ -151,22 +198,7 @@ class MeshLab:
         return "\n".join(f"--- {b.id}\n{b.log_tail()}" for b in self.boxes)
 
     def formed(self, boxes: Sequence[MeshBox] | None = None) -> str | None:
-        """The head's id once every box sees all of ``boxes`` with live Ray nodes."""
-        from edgemesh.mesh import read_status
-
-        boxes = list(boxes or self.boxes)
-        want = sorted(b.id for b in boxes)
-        heads = set()
-        for b in boxes:
-            try:
-                st = read_status(b.state)
-            except BoxLostError:
-                return None
-            alive = sorted(n["box"] for n in st.ray_nodes if n["alive"])
-            if sorted(x.id for x in st.boxes) != want or alive != want or st.head is None:
-                return None
-            heads.add(st.head)
-        return heads.pop() if len(heads) == 1 else None
+        return formed(list(boxes or self.boxes))
 
     def box(self, box_id: str) -> MeshBox:
         return next(b for b in self.boxes if b.id == box_id)

@@ -15,8 +15,6 @@ Needs root and iproute2 (``.ci/run`` installs it); skipped otherwise.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +23,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgemesh.bench.netns import Box, NetnsLab, skip_reason
-from edgemesh.errors import BoxLostError
-from edgemesh.mesh import MeshStatus, read_status
+from edgemesh.bench import meshlab
+from edgemesh.bench.meshlab import MeshBox
+from edgemesh.bench.netns import NetnsLab, skip_reason
+from edgemesh.mesh import MeshStatus
 from edgemesh.mesh.config import create_secret
-from edgemesh.mesh.membership import CRASH, LEAVE, MemberEvent, follow
+from edgemesh.mesh.membership import CRASH, LEAVE, MemberEvent
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -80,58 +79,6 @@ else:
 """
 
 
-class MeshBox:
-    """One namespace box and its ``edgemesh join`` process."""
-
-    def __init__(self, box: Box, secret: Path) -> None:
-        self.box = box
-        self.secret = secret
-        self.id = f"box{box.index}"
-        self.state = box.dir / "state"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def join(self) -> None:
-        argv = [
-            sys.executable, "-m", "edgemesh", "join",
-            "--mesh", MESH, "--secret-file", self.secret, "--state-dir", self.state,
-            "--box-id", self.id, "--interface", "eth0", "--settle", "2",
-        ]  # fmt: skip
-        self.proc = self.box.spawn(argv, env=self.box.env(), log=self.box.dir / "join.log")
-
-    def leave(self) -> int | None:
-        """SIGTERM the join process alone, as a service manager would: it says
-        goodbye and must stop its own Ray node. Nothing else is signalled, so
-        a Ray process it failed to stop shows up in ``ray_processes``."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.box.kill(proc)
-            proc.wait(timeout=10)
-            return None
-
-    def pull_plug(self) -> None:
-        """SIGKILL everything in the box at once: no goodbye, no Ray shutdown."""
-        self.proc = None
-        self.box.kill_all()
-
-    def status(self) -> MeshStatus | None:
-        try:
-            return read_status(self.state)
-        except BoxLostError:
-            return None
-
-    def events(self) -> list[MemberEvent]:
-        return list(follow(self.state, from_start=True, timeout=0, poll_s=0))
-
-    def log_tail(self) -> str:
-        path = self.box.dir / "join.log"
-        return path.read_text()[-4000:] if path.exists() else "(no log)"
-
-
 def formed(boxes: list[MeshBox]) -> str | None:
     """The head's id once every box lists exactly ``boxes``, agrees on one
     head, reports every box healthy, and sees one alive Ray node per box."""
@@ -153,15 +100,9 @@ def formed(boxes: list[MeshBox]) -> str | None:
 
 
 def wait_until(what: Callable[[], object], timeout: float, boxes: list[MeshBox]) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {b.id}\n{b.log_tail()}" for b in boxes)
-            raise AssertionError(f"timed out after {timeout:.0f} s\n{logs}")
-        time.sleep(0.5)
+    return meshlab.wait_until(
+        what, timeout, lambda: "\n".join(f"--- {b.id}\n{b.log_tail()}" for b in boxes)
+    )
 
 
 def ray_processes(root: Path) -> list[str]:
@@ -191,7 +132,7 @@ def test_three_boxes_form_a_mesh_survive_leave_rejoin_and_head_loss(lab: NetnsLa
     secret = create_secret(lab.root / "mesh.secret").source
     wrong = create_secret(lab.root / "wrong.secret").source
     assert secret is not None and wrong is not None
-    boxes = [MeshBox(b, secret) for b in lab.boxes]
+    boxes = [MeshBox(b, secret, MESH) for b in lab.boxes]
     everyone = list(boxes)
     try:
         # -- 1. three boxes started at once form one mesh ------------------
@@ -232,7 +173,7 @@ def test_three_boxes_form_a_mesh_survive_leave_rejoin_and_head_loss(lab: NetnsLa
         assert seen["boxes"] == ["box:box1", "box:box2", "box:box3"]
 
         # -- 2. a box with another secret is neither listed nor a Ray node --
-        intruder = MeshBox(lab.add_box(), wrong)
+        intruder = MeshBox(lab.add_box(), wrong, MESH)
         everyone.append(intruder)
         intruder.join()
         # It hears the mesh, trusts none of it, and founds its own.

@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from edgemesh.bench.netns import Box, NetnsLab, skip_reason
-from edgemesh.errors import BoxLostError
+from edgemesh.bench.meshlab import MeshBox, formed, wait_until
+from edgemesh.bench.netns import NetnsLab, skip_reason
 from tests.fixtures.tiny_models import shared_tiny_package
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -62,65 +60,6 @@ LONG_TOKENS = 160  # long enough that a box can be unplugged mid-stream
 # Slow compute and plenty of memory: the planner spreads the 3 layers over 3
 # boxes, squeezes them onto 2 after a loss, and spreads them again on return.
 COMPUTE = {"onnxruntime/fp32": {"gflops": 0.01, "bandwidth_gbps": 0.5}}
-
-
-class MeshBox:
-    """One namespace box and its `edgemesh join` process tree."""
-
-    def __init__(self, box: Box, secret: Path) -> None:
-        self.box = box
-        self.secret = secret
-        self.id = f"box{box.index}"
-        self.state = box.dir / "state"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def join(self) -> None:
-        argv = [
-            sys.executable, "-m", "edgemesh", "join",
-            "--mesh", MESH, "--secret-file", self.secret, "--state-dir", self.state,
-            "--box-id", self.id, "--interface", "eth0", "--settle", "2",
-        ]  # fmt: skip
-        self.proc = self.box.spawn(argv, env=self.box.env(), log=self.box.dir / "join.log")
-
-    def pull_plug(self) -> None:
-        self.proc = None
-        self.box.kill_all()
-
-    def edgemesh(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return self.box.run([sys.executable, "-m", "edgemesh", *args], timeout=timeout)
-
-    def log_tail(self) -> str:
-        path = self.box.dir / "join.log"
-        return path.read_text()[-3000:] if path.exists() else "(no log)"
-
-
-def formed(boxes: list[MeshBox]) -> str | None:
-    """The head's id once every box sees all of ``boxes`` with live Ray nodes."""
-    from edgemesh.mesh import read_status
-
-    want = sorted(b.id for b in boxes)
-    heads = set()
-    for b in boxes:
-        try:
-            st = read_status(b.state)
-        except BoxLostError:
-            return None
-        alive = sorted(n["box"] for n in st.ray_nodes if n["alive"])
-        if sorted(x.id for x in st.boxes) != want or alive != want or st.head is None:
-            return None
-        heads.add(st.head)
-    return heads.pop() if len(heads) == 1 else None
-
-
-def wait_until(what: Callable[[], object], timeout: float, why: Callable[[], str]) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s\n{why()}")
-        time.sleep(0.5)
 
 
 def reference(package: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -205,7 +144,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
     tokenizer = open_package(package).tokenizer()
     secret = create_secret(lab.root / "mesh.secret").source
     assert secret is not None
-    boxes = [MeshBox(b, secret) for b in lab.boxes]
+    boxes = [MeshBox(b, secret, MESH) for b in lab.boxes]
 
     def logs() -> str:
         return "\n".join(f"--- {b.id}\n{b.log_tail()}" for b in boxes)
@@ -239,7 +178,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
         )
         out = deployer.edgemesh(
             "plan", "--model", str(own_copy), "--boxes", str(profiles), "--json",
-            "--context", "256", "--sequences", "16",
+            "--context", "256", "--sequences", "16", timeout=300,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         plan_file = lab.root / "plan.json"
@@ -251,6 +190,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
         out = deployer.edgemesh(
             "deploy", str(own_copy), "--name", "tiny", "--state-dir", str(deployer.state),
             "--boxes", str(profiles), "--plan", str(plan_file), "--port", str(PORT), "--json",
+            timeout=300,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-4000:] + logs()
         figures["deploy_s"] = time.monotonic() - t
@@ -259,7 +199,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
         assert [s["box"] for s in record["stages"]] == [s["box"] for s in planned]
 
         # `edgemesh status --json` on the deploying box shows the gateway and stages.
-        out = deployer.edgemesh("status", "--json", "--state-dir", str(deployer.state))
+        out = deployer.edgemesh("status", "--json", "--state-dir", str(deployer.state), timeout=300)
         assert out.returncode == 0, out.stderr
         st = json.loads(out.stdout)
         assert st["gateway"] == record["gateway"]
