@@ -160,6 +160,22 @@ class Backend(ABC):
             return f"'{cls.module}' is not installed (pip install 'edgemesh[{cls.extra}]')"
         return None
 
+    @classmethod
+    def device_unavailable(cls, device: str) -> str | None:
+        """None when ``device`` (one of ``capabilities.devices``, optionally
+        ``kind:index``) can be used here, else why not; asked only once
+        ``available()`` is None.
+
+        ``available()`` already covers the backend's first device (the CPU,
+        or the GPU/NPU of a hardware-only backend). A backend with further
+        devices overrides this with a probe of its own (which may import its
+        runtime); without one the device counts as absent.
+        """
+        kind = device.partition(":")[0]
+        if kind in ("cpu", cls.capabilities.devices[0]):
+            return None
+        return f"{cls.name} has no probe for device '{device}'"
+
     @abstractmethod
     def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
         """Run the shard on a batch of sequences.

@@ -20,6 +20,7 @@ This module is the only place edgemesh imports ``onnxruntime``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,12 @@ _GPU_PROVIDERS = {
     "cuda": ["CUDAExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
 }
+# The CUDA provider runs fp32 MatMul/Gemm in TF32 (10-bit mantissa) unless told
+# otherwise, which breaks an fp32 shard's 1e-5 agreement with the reference and
+# with the same range on CPU. A package's precision names the weights; the
+# arithmetic stays what the graph says.
+_PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+_ITEM_BYTES = {"tensor(float)": 4, "tensor(float16)": 2}
 
 
 @dataclass
@@ -74,7 +81,8 @@ def select_providers(ort: Any, device: str) -> list[Any]:
             hint="install onnxruntime-gpu on a box with an NVIDIA GPU",
         )
     opts = {"device_id": int(index or 0)}
-    return [(p, opts) for p in wanted if p in available] + ["CPUExecutionProvider"]
+    chosen = [(p, opts | _PROVIDER_OPTIONS.get(p, {})) for p in wanted if p in available]
+    return [*chosen, "CPUExecutionProvider"]
 
 
 class OnnxRuntimeBackend(PerSequenceBackend):
@@ -92,6 +100,24 @@ class OnnxRuntimeBackend(PerSequenceBackend):
         needs_compiled_artifact=False,
         devices=("cpu", "cuda"),
     )
+
+    @classmethod
+    def device_unavailable(cls, device: str) -> str | None:
+        kind = device.partition(":")[0]
+        if kind not in _GPU_PROVIDERS:
+            return super().device_unavailable(device)
+        from edgemesh.backends.tensorrt import nvidia_gpu_present
+
+        ort = require("onnxruntime", "onnx")
+        provider = _GPU_PROVIDERS[kind][0]
+        if provider not in ort.get_available_providers():
+            return (
+                f"onnxruntime {ort.__version__} here has no {provider} "
+                "(install onnxruntime-gpu instead of onnxruntime)"
+            )
+        if not nvidia_gpu_present():
+            return "no NVIDIA GPU here (no /proc/driver/nvidia/gpus, no /dev/nvidia0)"
+        return None
 
     def __init__(self, shard: ShardSpec, options: Any = None, *, io_binding: bool = True) -> None:
         super().__init__(shard, options)
@@ -116,6 +142,18 @@ class OnnxRuntimeBackend(PerSequenceBackend):
                 f"onnxruntime could not load layers {shard.layers} ({shard.precision}) of "
                 f"'{package.manifest.name}': {exc}"
             ) from exc
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if wanted not in self._session.get_providers():
+            # onnxruntime drops a GPU provider whose CUDA/cuDNN libraries fail to
+            # load with only a log line and runs on the CPU; the device-side KV
+            # binding below would then fail on the first call, far from the cause.
+            raise BackendUnavailableError(
+                f"onnxruntime could not start {wanted} for device '{self.options.device}' "
+                f"(the session got {', '.join(self._session.get_providers())})",
+                hint="install the CUDA and cuDNN libraries onnxruntime-gpu was built for "
+                "(pip install 'onnxruntime-gpu[cuda,cudnn]') or put their lib folders on "
+                "LD_LIBRARY_PATH",
+            )
         self._device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
         self._device_id = (
             int(providers[0][1]["device_id"]) if isinstance(providers[0], tuple) else 0
@@ -134,6 +172,16 @@ class OnnxRuntimeBackend(PerSequenceBackend):
     def _free(self) -> None:
         self._session = None
 
+    def kv_bytes(self) -> int:
+        """Bytes held in the KV tensors of every live sequence, on the session's
+        device (GPU memory there, which the process RSS does not show)."""
+        with self._lock:
+            return sum(
+                math.prod(v.shape()) * _ITEM_BYTES[v.data_type()]
+                for s in self._seqs.values()
+                for v in s.kv
+            )
+
     # -- internals --------------------------------------------------------
 
     def _state(self, item: SeqInput) -> _Sequence:
@@ -151,17 +199,25 @@ class OnnxRuntimeBackend(PerSequenceBackend):
                     f"all {self.max_sequences} sequence slots are busy",
                     hint="release finished sequences or raise max_sequences",
                 )
-            empty = np.zeros(self._kv_shape, dtype=np.float32)
-            state = _Sequence(0, [self._value(empty) for _ in range(2 * len(self._layers))])
+            state = _Sequence(0, [self._empty() for _ in range(2 * len(self._layers))])
             self._seqs[item.seq_id] = state
         if item.start_pos < state.length:
             # Rewind (e.g. a replayed step): keep the first start_pos cached tokens.
+            # A replay is rare, so the cut goes through the host: numpy() of a
+            # CUDA OrtValue copies device to host in onnxruntime-gpu builds.
             state.kv = [self._value(v.numpy()[:, :, : item.start_pos].copy()) for v in state.kv]
             state.length = item.start_pos
         return state
 
     def _value(self, array: np.ndarray) -> Any:
         return self._ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
+
+    def _empty(self) -> Any:
+        """A zero-length past for a new sequence, allocated on the device
+        (nothing to copy, unlike ``_value`` of an empty array)."""
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(
+            self._kv_shape, np.float32, self._device, self._device_id
+        )
 
     def _feeds(self, item: SeqInput) -> dict[str, np.ndarray]:
         return self._range_feeds(item, self.hidden_size)

@@ -135,6 +135,17 @@ class OpenVinoBackend(PerSequenceBackend):
         devices=("cpu", "gpu"),
     )
 
+    @classmethod
+    def device_unavailable(cls, device: str) -> str | None:
+        if device.partition(":")[0].lower() != "gpu":
+            return super().device_unavailable(device)
+        ov = require("openvino", "openvino")
+        try:
+            select_device(ov.Core(), device)
+        except BackendUnavailableError as exc:
+            return str(exc)
+        return None
+
     def __init__(self, shard: ShardSpec, options: Any = None) -> None:
         super().__init__(shard, options)
         ov = require("openvino", "openvino")
