@@ -2,11 +2,14 @@
 
 Two (or more) boxes are emulated on this host by cgroup CPU quotas
 (``--quotas 0.5,1.0``). Each box is fingerprinted *inside its cgroup* with
-``edgemesh info --json --measure``, exactly as a real box would be; the
-partitioner plans the model over those profiles; then every stage of the plan
-runs its own layer range inside its box's cgroup, and the time of one decode
-step (one sequence, KV cache at the plan's mean position) is measured and set
-against the stage's ``compute_ms``.
+``edgemesh info --json --measure --calibrate MODEL``, exactly as a real box
+would be; the partitioner plans the model over those profiles; then every
+stage of the plan runs its own layer range inside its box's cgroup, and the
+time of one decode step (one sequence, KV cache at the plan's mean position;
+the median of five windows' mean step, 1.5 s each) is measured and set against the
+stage's ``compute_ms``. The same stages priced by the roofline alone (the
+profiles without their calibration) are reported beside them, to show what
+calibrating buys. ``--no-calibrate`` plans from the roofline.
 
     python -m edgemesh.bench.planner_check --model PKG [--quotas 0.5,1.0] [--json]
 
@@ -19,24 +22,25 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edgemesh.bench import cgroups
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planner_check.json"
 
 
-def _fingerprint(box: cgroups.Limits, box_id: str, cache: Path) -> dict[str, Any]:
+def _fingerprint(
+    box: cgroups.Limits, box_id: str, cache: Path, model: Path | None
+) -> dict[str, Any]:
     argv = [sys.executable, "-m", "edgemesh", "info", "--json", "--measure"]
     argv += ["--id", box_id, "--cache-dir", str(cache)]
+    if model is not None:
+        argv += ["--calibrate", str(model)]
     out = subprocess.run(box.wrap(argv), capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -48,40 +52,43 @@ def _measure_stage(
     argv += ["--layers", f"{stage['layers'][0]},{stage['layers'][1]}"]
     argv += ["--backend", stage["backend"], "--precision", stage["precision"]]
     argv += ["--threads", str(threads), "--position", str(args.position)]
-    argv += ["--tokens", str(args.tokens)]
+    argv += ["--seconds", str(args.seconds), "--windows", str(args.windows)]
     out = subprocess.run(box.wrap(argv), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Inside a box: time decode steps of one layer range at a given KV length."""
+    """Inside a box: the mean decode step of one layer range at a given KV length."""
     from edgemesh.backends import registry
-    from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
+    from edgemesh.backends.base import BackendOptions, LayerRange, ShardSpec
+    from edgemesh.fingerprint.calibrate import MAX_STEPS, WARMUP_STEPS, decode_step_ms
     from edgemesh.sharding.package import open_package
 
     pkg = open_package(args.model)
     start, stop = (int(v) for v in args.layers.split(","))
     spec = ShardSpec(pkg.root, LayerRange(start, stop), pkg.num_layers, args.precision)
-    backend = registry.require_available(args.backend)(spec, BackendOptions(threads=args.threads))
-    rng = np.random.default_rng(0)
-    hidden = pkg.manifest.hidden_size
+    context = min(pkg.manifest.context_length, args.position + WARMUP_STEPS + MAX_STEPS + 1)
+    options = BackendOptions(threads=args.threads, context_length=context, max_sequences=1)
+    with registry.require_available(args.backend)(spec, options) as backend:
+        ms = decode_step_ms(
+            backend, pkg.manifest, start == 0, args.position, context, args.seconds, args.windows
+        )
+    print(json.dumps({"mean_ms": ms}))
 
-    def step_input(pos: int, n: int) -> SeqInput:
-        if spec.is_first:
-            return SeqInput(0, pos, tokens=rng.integers(0, 1000, size=n, dtype=np.int64))
-        return SeqInput(0, pos, hidden=rng.standard_normal((n, hidden), dtype=np.float32))
 
-    try:
-        backend.forward([step_input(0, args.position)])  # the prompt: KV at the mean position
-        times = []
-        for i in range(args.tokens):
-            t0 = time.perf_counter()
-            backend.forward([step_input(args.position + i, 1)])
-            times.append(1000 * (time.perf_counter() - t0))
-    finally:
-        backend.close()
-    warm = times[len(times) // 4 :]  # skip warm-up steps (allocations, lazy kernels)
-    print(json.dumps({"median_ms": statistics.median(warm), "mean_ms": statistics.fmean(warm)}))
+def _roofline_ms(manifest: Any, boxes: dict[str, dict], stage: Any, options: Any) -> float:
+    """The stage's compute time priced without any box's calibration."""
+    from edgemesh.sharding.boxes import BoxProfile
+    from edgemesh.sharding.costs import CostModel
+
+    bare = [{**b, "calibration": None, "profile": {**b["profile"], "calibration": None}}
+            for b in boxes.values()]  # fmt: skip
+    model = CostModel(manifest, [BoxProfile.from_dict(b) for b in bare], None, options)
+    b = model.index(stage.box)
+    for opt in model.costs[b].options:
+        if (opt.backend, opt.precision) == (stage.backend, stage.precision):
+            return float(opt.time[stage.layers.start, stage.layers.stop])
+    return float("nan")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,11 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = open_package(args.model).manifest
     limits = [cgroups.Limits(q, None, name=f"box{i}") for i, q in enumerate(quotas)]
     boxes: dict[str, dict[str, Any]] = {}
+    calibrate = None if args.no_calibrate else Path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         for i, box in enumerate(limits):
             with box:
                 box_id = f"box{i}-{quotas[i]:g}cpu"
-                boxes[box_id] = _fingerprint(box, box_id, Path(tmp) / box_id)
+                boxes[box_id] = _fingerprint(box, box_id, Path(tmp) / box_id, calibrate)
     # The cost model takes attention and KV reads at half the context, so a
     # context of twice the measured position makes both describe the same step.
     options = PlanOptions(context=2 * args.position, sequences=1)
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         threads = max(1, round(boxes[stage.box]["cpu"]["cores_effective"]))
         with cgroups.Limits(quotas[i], None, name=f"stage{i}") as box:
             measured = _measure_stage(box, Path(args.model), stage.to_dict(), threads, args)
+        roofline = _roofline_ms(manifest, boxes, stage, options)
         rows.append(
             {
                 "box": stage.box,
@@ -115,9 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "layers": [stage.layers.start, stage.layers.stop],
                 "backend": stage.backend,
                 "precision": stage.precision,
+                "priced_by": stage.cost_source,
                 "predicted_ms": round(stage.compute_ms, 3),
-                "measured_ms": round(measured["median_ms"], 3),
-                "ratio": round(measured["median_ms"] / stage.compute_ms, 3),
+                "measured_ms": round(measured["mean_ms"], 3),
+                "ratio": round(measured["mean_ms"] / stage.compute_ms, 3),
+                "roofline_ms": round(roofline, 3),
+                "roofline_ratio": round(measured["mean_ms"] / roofline, 3),
             }
         )
     return {
@@ -126,7 +138,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "position": args.position,
         "stages": rows,
         "max_relative_error": round(max(abs(r["ratio"] - 1) for r in rows), 3),
+        "seconds": args.seconds,
+        "windows": args.windows,
         "plan": the_plan.to_dict(),
+        "calibrations": {
+            box_id: box.get("profile", {}).get("calibration") for box_id, box in boxes.items()
+        },
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "command": " ".join(["python -m edgemesh.bench.planner_check", *sys.argv[1:]]),
     }
@@ -137,7 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a converted model package")
     parser.add_argument("--quotas", default="0.5,1.0", help="CPU cores per emulated box")
     parser.add_argument("--position", type=int, default=128, help="KV length during decode")
-    parser.add_argument("--tokens", type=int, default=48, help="decode steps timed per stage")
+    parser.add_argument(
+        "--seconds", type=float, default=1.5, help="seconds per timing window (its mean)"
+    )
+    parser.add_argument(
+        "--windows", type=int, default=5, help="timing windows per stage (their median)"
+    )
+    parser.add_argument(
+        "--no-calibrate", action="store_true", help="plan from the roofline (no calibration)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layers", help=argparse.SUPPRESS)
@@ -151,18 +176,24 @@ def main(argv: list[str] | None = None) -> None:
     why = cgroups.unavailable()
     if why:
         sys.exit(f"planner_check needs cgroups: {why}")
+    # A SIGTERM unwinds like Ctrl-C, so the emulated boxes' cgroups are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{'box':<14} {'layers':<9} {'backend/precision':<22} {'predicted':>9} {'measured':>9}")
+    print(
+        f"{'box':<14} {'layers':<9} {'backend/precision':<22} {'predicted':>9} "
+        f"{'measured':>9}  ratio   {'roofline':>9}  ratio"
+    )
     for r in result["stages"]:
         layers = f"[{r['layers'][0]},{r['layers'][1]})"
         print(
             f"{r['box']:<14} {layers:<9} {r['backend'] + '/' + r['precision']:<22} "
-            f"{r['predicted_ms']:>7.2f}ms {r['measured_ms']:>7.2f}ms  x{r['ratio']:.2f}"
+            f"{r['predicted_ms']:>7.2f}ms {r['measured_ms']:>7.2f}ms  x{r['ratio']:.2f}  "
+            f"{r['roofline_ms']:>7.2f}ms  x{r['roofline_ratio']:.2f}"
         )
     print(f"max |measured/predicted - 1| = {result['max_relative_error']:.2f}")
 

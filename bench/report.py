@@ -266,26 +266,32 @@ def figure_planner() -> str:
     else:
         rows = [
             [r["box"], f"[{r['layers'][0]},{r['layers'][1]})", f"{r['backend']}/{r['precision']}",
-             r["predicted_ms"], r["measured_ms"], r["ratio"]]
+             r.get("priced_by", "roofline"), r["predicted_ms"], r["measured_ms"], r["ratio"],
+             r.get("roofline_ms"), r.get("roofline_ratio")]
             for r in check["stages"]
         ]  # fmt: skip
-        header = ["box (CPU quota)", "layers", "backend", "predicted ms", "measured ms"]
-        out += _table([*header, "measured / predicted"], rows)
+        header = ["box (CPU quota)", "layers", "backend", "priced by", "predicted ms"]
+        header += ["measured ms", "measured / predicted", "roofline ms", "measured / roofline"]
+        out += _table(header, rows)
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(5, 3))
+        fig, ax = plt.subplots(figsize=(5.5, 3))
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r[3] for r in rows], 0.4, label="predicted")
-        ax.bar([x + 0.2 for x in xs], [r[4] for r in rows], 0.4, label="measured")
+        ax.bar([x - 0.27 for x in xs], [r[4] for r in rows], 0.27, label="predicted (calibrated)")
+        ax.bar([x for x in xs], [r[5] for r in rows], 0.27, label="measured")
+        ax.bar([x + 0.27 for x in xs], [r[7] or 0 for r in rows], 0.27, label="roofline alone")
         ax.set_xticks(list(xs), [r[0] for r in rows])
         ax.set_ylabel("ms per token")
-        ax.legend()
+        ax.legend(fontsize="small")
         out += _save(fig, "planner_check.png")
         out += (
-            "\nThe cost model prices each stage from the box's matmul micro-benchmarks "
-            "(`edgemesh info --measure`); a ratio far from 1 means the runtime's real "
-            "layer graphs run at a different speed than its benchmark kernel on that box "
-            "(per-call overheads, thread behaviour under a CPU quota), which the model "
-            "does not yet capture.\n"
+            f"\nLargest deviation of measured from predicted: {check['max_relative_error']:.0%}. "
+            "Each box times the real model with `edgemesh info --measure --calibrate` inside its "
+            "cgroup, and the planner prices its stages from those timings (docs/PLANNER.md, "
+            '"Calibration"). "Roofline alone" prices the same stages from the matmul '
+            "micro-benchmarks only; it misses per-operator dispatch costs and how a runtime's "
+            "threads behave under a CPU quota. Measured: one sequence's decode step, the "
+            f"median of {check.get('windows', '?')} windows' means, "
+            f"{check.get('seconds', '?')} s each.\n"
         )
         out += _provenance(check)
     rows = []

@@ -9,6 +9,9 @@ hardware they do not own yet::
      "compute": {"onnxruntime/fp32": {"gflops": 25, "bandwidth_gbps": 9}},
      "link_gbps": 0.94, "link_latency_ms": 0.3}          # optional
 
+plus, optionally, ``calibration``: timings of a real model on the box
+(``calibration.py``), which replace the roofline for that model.
+
 Units: ``gflops`` is 1e9 FLOP/s, a compute entry's ``bandwidth_gbps`` is
 weight *bytes* streamed per second (1e9 B/s, as memory bandwidth is quoted),
 while a link's ``gbps`` is 1e9 *bits* per second (as network links are
@@ -24,6 +27,7 @@ from typing import Any
 
 from edgemesh.backends.base import PRECISIONS
 from edgemesh.errors import ConfigError
+from edgemesh.sharding.calibration import Calibration, parse_calibrations
 
 DEFAULT_LINK_GBPS = 1.0
 """A link nobody measured is taken to be gigabit Ethernet..."""
@@ -67,6 +71,12 @@ class BoxProfile:
     link_latency_ms: float | None = None
     default_precision: str | None = None
     """The fingerprint's default precision; used by the baselines."""
+    calibrations: tuple[Calibration, ...] = ()
+    """Timings measured on real models (``calibration.py``), by model digest."""
+
+    def calibration_for(self, digest: str) -> Calibration | None:
+        """This box's timings of the model with ``Manifest.digest() == digest``."""
+        return next((c for c in self.calibrations if c.digest == digest), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +87,7 @@ class BoxProfile:
             "link_gbps": self.link_gbps,
             "link_latency_ms": self.link_latency_ms,
             "default_precision": self.default_precision,
+            "calibration": [c.to_dict() for c in self.calibrations],
         }
 
     @classmethod
@@ -109,6 +120,7 @@ class BoxProfile:
             link_gbps=_optional_positive(box_id, "link_gbps", src.get("link_gbps")),
             link_latency_ms=_optional_nonneg(box_id, "link_latency_ms", src.get("link_latency_ms")),
             default_precision=default if default in PRECISIONS else None,
+            calibrations=parse_calibrations(box_id, src.get("calibration")),
         )
 
     def runnable(self) -> list[tuple[str, str, ComputeRate]]:

@@ -12,6 +12,10 @@ from here, so they are judged by the same rules:
   Attention FLOPs and KV-cache reads are taken at half the context (the
   mean position over a full-length sequence). No batching credit: one token
   of one sequence, which errs on the slow side.
+  A box that timed this very model (``calibration.py``, matched by
+  ``Manifest.digest()``) is priced from its timings instead: a fixed
+  per-stage cost, plus each layer's measured time scaled by its roofline,
+  plus the measured embedding and head.
 * **Memory** of a stage = weights at its precision (+ embedding / head) +
   KV cache for ``context * sequences`` tokens + a fixed runtime overhead,
   and must be ≤ the memory limit × (1 - headroom). The manifest gives KV
@@ -34,6 +38,7 @@ import numpy as np
 from edgemesh.backends.base import PRECISIONS
 from edgemesh.errors import ConfigError
 from edgemesh.sharding.boxes import BoxProfile, ComputeRate, Link, index_links, resolve_link
+from edgemesh.sharding.calibration import Calibration, StageTiming
 from edgemesh.sharding.manifest import LayerCost, Manifest
 
 OBJECTIVES = ("throughput", "latency")
@@ -141,6 +146,8 @@ class Option:
     time: np.ndarray  # [L+1, L+1] float64 ms
     memory: np.ndarray  # [L+1, L+1] float64 bytes
     feasible: np.ndarray  # [L+1, L+1] bool
+    source: str = "roofline"
+    """``"calibrated"`` when ``time`` comes from the box's timings of this model."""
 
     @property
     def key(self) -> str:
@@ -183,6 +190,7 @@ class CostModel:
         self.context = self.options.context_for(manifest)
         self.sequences = self.options.sequences
         self.wire_bytes = manifest.hidden_size * WIRE_BYTES_PER_VALUE
+        self.digest = manifest.digest()
         self.refused_precisions = {
             p: r
             for p in PRECISIONS
@@ -219,9 +227,12 @@ class CostModel:
         per_token = np.array([c.kv_bytes_per_token for c in self.manifest.layers], dtype=float)
         return per_token * KV_SCALE[precision] * self.context * self.sequences
 
-    def layer_ms(self, rate: ComputeRate, precision: str) -> np.ndarray:
-        """Roofline ms per token of each layer at one (backend, precision)."""
-        mid = self.context / 2
+    def layer_ms(
+        self, rate: ComputeRate, precision: str, position: float | None = None
+    ) -> np.ndarray:
+        """Roofline ms per token of each layer at one (backend, precision), with
+        ``position`` tokens in the cache (default: half the context)."""
+        mid = self.context / 2 if position is None else position
         flops = np.array(
             [
                 c.flops_per_token + c.attn_flops_per_token_per_ctx * mid
@@ -237,6 +248,19 @@ class CostModel:
             dtype=float,
         )
         return np.maximum(flops / (rate.gflops * 1e9), read / (rate.bandwidth_gbps * 1e9)) * 1e3
+
+    def calibrated_layer_ms(
+        self, rate: ComputeRate, precision: str, cal: Calibration, timing: StageTiming
+    ) -> np.ndarray:
+        """Each layer's measured ms per token: the timed layers' mean, scaled by
+        the layer's roofline at half the context over theirs at the timed position."""
+        here = self.layer_ms(rate, precision)
+        timed = self.layer_ms(rate, precision, cal.position)
+        start, stop = cal.layers
+        if not 0 <= start < stop <= self.num_layers:
+            start, stop = 0, self.num_layers
+        reference = float(timed[start:stop].mean())
+        return timing.layer_ms * here / reference
 
     def embed_ms(self, rate: ComputeRate, precision: str) -> float:
         emb = self.manifest.embedding
@@ -295,13 +319,19 @@ class CostModel:
         if backend in self.options.whole_model_only:
             valid = valid & (j == 0) & (k == n)
 
-        t_prefix = np.concatenate([[0.0], np.cumsum(self.layer_ms(rate, precision))])
-        time = (
-            t_prefix[k]
-            - t_prefix[j]
-            + (j == 0) * self.embed_ms(rate, precision)
-            + (k == n) * self.head_ms(rate, precision)
-        )
+        cal = box.calibration_for(self.digest)
+        timing = cal.timings.get(f"{backend}/{precision}") if cal is not None else None
+        if cal is not None and timing is not None:
+            source = "calibrated"
+            per_layer = self.calibrated_layer_ms(rate, precision, cal, timing)
+            stage, embed, head = timing.overhead_ms, timing.embed_ms, timing.head_ms
+        else:
+            source = "roofline"
+            per_layer = self.layer_ms(rate, precision)
+            stage, embed = 0.0, self.embed_ms(rate, precision)
+            head = self.head_ms(rate, precision)
+        t_prefix = np.concatenate([[0.0], np.cumsum(per_layer)])
+        time = t_prefix[k] - t_prefix[j] + stage + (j == 0) * embed + (k == n) * head
         w = np.array([c.weight_bytes[precision] for c in m.layers], dtype=float)
         w_prefix = np.concatenate([[0.0], np.cumsum(w)])
         kv_prefix = np.concatenate([[0.0], np.cumsum(self.kv_bytes(precision))])
@@ -318,4 +348,4 @@ class CostModel:
         usable = limit * (1 - self.options.headroom)
         feasible = valid & (memory <= usable)
         time = np.where(feasible, time, INF)
-        return Option(backend, precision, rate, limit, usable, time, memory, feasible)
+        return Option(backend, precision, rate, limit, usable, time, memory, feasible, source)

@@ -181,6 +181,7 @@ def render_plan(plan: Plan) -> str:
         "KV",
         "memory / usable",
         "ms/token",
+        "priced by",
     )
     rows = [header]
     for s in plan.stages:
@@ -195,6 +196,7 @@ def render_plan(plan: Plan) -> str:
                 fmt_bytes(s.kv_bytes),
                 f"{fmt_bytes(s.memory_bytes)} / {fmt_bytes(s.usable_bytes)}",
                 f"{s.predicted_ms:.3f}{link}",
+                s.cost_source,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -118,6 +118,16 @@ class Manifest:
             raise CorruptArtifactError(str(path), f"not valid JSON ({exc})") from exc
         return cls.from_dict(data)
 
+    def digest(self) -> str:
+        """16 hex chars naming this exact conversion: sha256 over the artifacts'
+        sha256s. Measurements made on the real model (a box's calibration)
+        are keyed by it, so a re-converted or re-quantised model is measured
+        again instead of being priced with another model's timings."""
+        blob = "\n".join(
+            f"{a.path} {a.sha256}" for a in sorted(self.artifacts, key=lambda a: a.path)
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def artifact(self, rel_path: str) -> Artifact:
         for art in self.artifacts:
             if art.path == rel_path:

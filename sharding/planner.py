@@ -53,6 +53,8 @@ class Stage:
     memory_bytes: int
     memory_limit_bytes: int
     usable_bytes: int
+    cost_source: str = "roofline"
+    """``"calibrated"``: priced from the box's timings of this model, else the roofline."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class Stage:
             "memory_bytes": self.memory_bytes,
             "memory_limit_bytes": self.memory_limit_bytes,
             "usable_bytes": self.usable_bytes,
+            "cost_source": self.cost_source,
         }
 
     @classmethod
@@ -90,6 +93,7 @@ class Stage:
             memory_bytes=int(d.get("memory_bytes", 0)),
             memory_limit_bytes=int(d.get("memory_limit_bytes", 0)),
             usable_bytes=int(d.get("usable_bytes", 0)),
+            cost_source=str(d.get("cost_source", "roofline")),
         )
 
 
@@ -316,6 +320,7 @@ def assemble(
                 memory_bytes=mem["total"],
                 memory_limit_bytes=opt.limit_bytes,
                 usable_bytes=int(opt.usable_bytes),
+                cost_source=opt.source,
             )
         )
     used = {b for b, *_ in picks}

@@ -127,8 +127,9 @@ def test_without_boxes_it_plans_for_this_box(models, monkeypatch) -> None:
             profile = dict(SCENARIOS["small_model_pi5_nuc"].boxes[1], id="here")
             return {"id": "here", "profile": profile}
 
-    def collect(measure: bool = False) -> FakeFingerprint:
+    def collect(measure: bool = False, calibrate: list | None = None) -> FakeFingerprint:
         measured.append(measure)
+        assert calibrate is None  # only `--calibrate` times the model
         return FakeFingerprint()
 
     monkeypatch.setattr(edgemesh.fingerprint, "collect", collect, raising=False)

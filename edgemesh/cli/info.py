@@ -83,6 +83,18 @@ def render(fp: Fingerprint) -> str:
             )
         for key, why in m.skipped.items():
             lines.append(f"  {key:<16} skipped: {why.splitlines()[0][:80]}")
+    for cal in fp.calibrations:
+        lines.append(
+            f"calibrated  '{cal.model}' ({cal.digest}) at {cal.position} cached tokens, "
+            f"{cal.threads} threads, ms per decode token:"
+        )
+        for key, t in cal.timings.items():
+            lines.append(
+                f"  {key:<16} layer {t.layer_ms:7.3f}  stage {t.overhead_ms:7.3f}  "
+                f"embedding {t.embed_ms:7.3f}  head {t.head_ms:7.3f}"
+            )
+        for key, why in cal.skipped.items():
+            lines.append(f"  {key:<16} skipped: {why.splitlines()[0][:80]}")
     return "\n".join(lines)
 
 
@@ -110,12 +122,22 @@ def command(
         Path | None,
         typer.Option(help="Measurement cache; default: $EDGEMESH_CACHE_DIR/measure."),
     ] = None,
+    calibrate: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Also time this model package's real layers on this box (with --measure; "
+            "cached; the planner then prices this box's stages from the timings). Repeatable.",
+            file_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Show this box's hardware, its backends (best first) and default precision."""
     from edgemesh.fingerprint import collect
 
     with user_errors():
-        fp = collect(sysroot, measure=measure, box_id=box_id, cache_dir=cache_dir)
+        fp = collect(
+            sysroot, measure=measure, box_id=box_id, cache_dir=cache_dir, calibrate=calibrate
+        )
     if json_out:
         print_json(fp.to_dict())
     else:

@@ -40,8 +40,17 @@ def command(
     headroom: Annotated[
         float, typer.Option(help="Fraction of each box's memory limit kept free.")
     ] = 0.10,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate",
+            help="Without --boxes: also time the model's real layers here (cached) "
+            "and price this box from the timings instead of the roofline.",
+        ),
+    ] = False,
 ) -> None:
     """Split a model's layers over boxes and predict tokens/s (exit 1 if it cannot fit)."""
+    from edgemesh.errors import ConfigError
     from edgemesh.sharding.boxes import BoxProfile, load_boxes
     from edgemesh.sharding.costs import PlanOptions
     from edgemesh.sharding.explain import render_plan
@@ -59,11 +68,17 @@ def command(
             whole_model_only=whole_model_backends(),
         )
         if boxes is not None:
+            if calibrate:
+                raise ConfigError(
+                    "--calibrate times this box; with --boxes, calibrate each box instead",
+                    hint="run `edgemesh info --json --measure --calibrate MODEL` on every box",
+                )
             box_list, links = load_boxes(boxes)
         else:
             from edgemesh.fingerprint import collect
 
-            box_list, links = [BoxProfile.from_dict(collect(measure=True).to_dict())], []
+            fp = collect(measure=True, calibrate=[model] if calibrate else None)
+            box_list, links = [BoxProfile.from_dict(fp.to_dict())], []
         result = plan(manifest, box_list, links, options)
     if json_output:
         print_json(result.to_dict())

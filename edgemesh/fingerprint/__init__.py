@@ -71,12 +71,16 @@ def collect(
     measure: bool = False,
     box_id: str | None = None,
     cache_dir: Path | None = None,
+    calibrate: list[Path] | None = None,
 ) -> Fingerprint:
     """Fingerprint the box whose files are under ``sysroot``.
 
     ``box_id`` overrides the hostname-based id. ``measure`` runs (or reads
     from ``cache_dir``) the benchmarks of ``edgemesh.fingerprint.measure``;
     it needs the live box, so it raises ConfigError with another sysroot.
+    ``calibrate`` lists model packages to time on this box
+    (``edgemesh.fingerprint.calibrate``; needs ``measure``); with
+    ``measure``, the calibrations cached for this hardware come along too.
     Raises FingerprintError when ``/proc/cpuinfo`` or ``/proc/meminfo``
     cannot be read.
     """
@@ -116,8 +120,33 @@ def collect(
         precision=default_precision(accelerators, facts.features, memory.limit_bytes),
         cgroup=cgroup,
     )
+    if calibrate and not measure:
+        raise ConfigError("--calibrate needs --measure (the roofline figures scale the timings)")
     if measure:
         from edgemesh.fingerprint.measure import measure as run_measure
 
         found.measurement = run_measure(cpu, memory.limit_bytes, found.installed, cache_dir)
+        found.calibrations = _calibrations(found, calibrate or [], cache_dir)
     return found
+
+
+def _calibrations(fp: Fingerprint, packages: list[Path], cache_dir: Path | None) -> list:
+    """Calibrations cached on this box, with ``packages`` timed (or read) afresh."""
+    from edgemesh.fingerprint.calibrate import cached_calibrations, calibrate
+    from edgemesh.fingerprint.measure import default_cache_dir
+
+    assert fp.measurement is not None
+    folder = cache_dir or default_cache_dir()
+    threads = max(1, round(fp.cpu.cores_effective))
+    found = {c.digest: c for c in cached_calibrations(fp.measurement.key, threads, folder)}
+    for package in packages:
+        cal = calibrate(
+            Path(package),
+            fp.installed,
+            threads=threads,
+            memory_limit_bytes=fp.memory.limit_bytes,
+            hardware_key=fp.measurement.key,
+            cache_dir=folder,
+        )
+        found[cal.digest] = cal
+    return [found[d] for d in sorted(found)]

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgemesh.sharding.calibration import Calibration, parse_calibrations
+
 
 @dataclass(frozen=True)
 class CpuInfo:
@@ -212,6 +214,8 @@ class Fingerprint:
     precision: str
     cgroup: CgroupInfo = field(default_factory=CgroupInfo)
     measurement: Measurement | None = None
+    calibrations: list[Calibration] = field(default_factory=list)
+    """Timings of real models on this box (``--calibrate``), one per model."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``edgemesh info --json``; ``profile`` and ``measure``
@@ -233,6 +237,8 @@ class Fingerprint:
         if self.measurement is not None:
             d["measure"] = self.measurement.to_dict()
             d["profile"] = self.profile()
+        if self.calibrations:
+            d["calibration"] = [c.to_dict() for c in self.calibrations]
         return d
 
     @classmethod
@@ -253,6 +259,7 @@ class Fingerprint:
             precision=d["precision"],
             cgroup=CgroupInfo.from_dict(d.get("cgroup")),
             measurement=Measurement.from_dict(measure) if measure else None,
+            calibrations=list(parse_calibrations(d["id"], d.get("calibration"))),
         )
 
     def stable_fields(self) -> dict[str, Any]:
@@ -320,4 +327,5 @@ class Fingerprint:
             "memory_bandwidth_gbps": bandwidth,
             "link_gbps": None,
             "link_latency_ms": None,
+            "calibration": [c.to_dict() for c in self.calibrations],
         }
