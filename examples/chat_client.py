@@ -15,12 +15,18 @@ from openai import OpenAI
 
 
 def main(prompt: str = "Write one sentence about the sea.") -> str:
-    client = OpenAI(base_url=os.environ.get("EDGEMESH_URL", "http://127.0.0.1:8000/v1"),
-                    api_key=os.environ.get("EDGEMESH_API_KEY", "none"))
+    client = OpenAI(
+        base_url=os.environ.get("EDGEMESH_URL", "http://127.0.0.1:8000/v1"),
+        api_key=os.environ.get("EDGEMESH_API_KEY", "none"),
+    )
     model = client.models.list().data[0].id
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=48,
-        temperature=0.7, stream=True)
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=48,
+        temperature=0.7,
+        stream=True,
+    )
     text = []
     for chunk in stream:
         delta = chunk.choices[0].delta.content if chunk.choices else None

@@ -41,6 +41,7 @@ from typing import Any
 
 from edgemesh.errors import ConfigError, CorruptArtifactError, ModelNotFoundError, require
 from edgemesh.sharding.manifest import Manifest, verify_artifact
+from edgemesh.sharding.range_cache import RANGE_CACHE_BYTES, mark_used, prune
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +180,18 @@ class Package:
         return hashlib.sha256(blob).hexdigest()[:20]
 
     def range_graph(
-        self, start: int, stop: int, precision: str, cache_dir: Path | None = None
+        self,
+        start: int,
+        stop: int,
+        precision: str,
+        cache_dir: Path | None = None,
+        cache_limit_bytes: int = RANGE_CACHE_BYTES,
     ) -> Path:
         """Path of the composed ONNX graph of ``[start, stop)`` at ``precision``.
 
         Verifies the range's artifacts by sha256 first, then composes (or
-        reuses the cached composition).
+        reuses the cached composition). A new composition prunes the cache to
+        ``cache_limit_bytes``, least recently used first (``range_cache``).
         """
         self.verify(self.artifacts_for(start, stop, precision))
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -193,6 +200,7 @@ class Package:
         graph = folder / "range.onnx"
         if _cache_ok(folder):
             log.debug("range [%d, %d) %s: cache hit %s", start, stop, precision, folder)
+            mark_used(folder)
             return graph
         t0 = time.perf_counter()
         cache.mkdir(parents=True, exist_ok=True)
@@ -208,6 +216,7 @@ class Package:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        prune(cache, keep=folder, limit_bytes=cache_limit_bytes)
         log.info(
             "composed layers [%d, %d) at %s in %.2f s -> %s",
             start,

@@ -8,6 +8,7 @@ must equal ``model.generate(do_sample=False)`` token for token at fp32.
 
 from __future__ import annotations
 
+import os
 import shutil
 from functools import cache
 from pathlib import Path
@@ -143,6 +144,25 @@ def test_recut_composes_from_pieces_and_reuses_the_cache(tmp_path) -> None:
     assert again == first and again.stat().st_mtime_ns == stamp  # reused, not rewritten
     other = package.range_graph(0, 2, "int4", cache)
     assert other.parent != first.parent
+
+
+def test_the_range_cache_drops_the_least_recently_used_entries(tmp_path) -> None:
+    package = open_package(shared_tiny_package("qwen3"))
+    cache = tmp_path / "ranges"
+    a = package.range_graph(0, 1, "fp32", cache).parent
+    b = package.range_graph(1, 2, "fp32", cache).parent
+    one = sum(f.stat().st_size for f in a.iterdir())
+    old = a.stat().st_mtime - 60
+    os.utime(b, (old, old))  # b is now the least recently used ...
+    assert package.range_graph(0, 1, "fp32", cache).parent == a  # ... and a hit marks a used
+    assert a.stat().st_mtime > old + 30
+    # Room for about two entries: composing a third drops b, keeps a and the new one.
+    c = package.range_graph(2, 3, "fp32", cache, cache_limit_bytes=int(2.5 * one)).parent
+    assert a.is_dir() and c.is_dir() and not b.exists()
+    # The newest entry stays even when it alone is over the bound.
+    d = package.range_graph(0, 3, "fp32", cache, cache_limit_bytes=1).parent
+    assert [e.name for e in cache.iterdir() if not e.name.startswith(".")] == [d.name]
+    assert package.range_graph(0, 3, "fp32", cache).is_file()
 
 
 def test_ranges_from_cuts_rejects_bad_cuts() -> None:
