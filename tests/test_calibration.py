@@ -176,6 +176,10 @@ def test_real_calibration_of_a_tiny_package_is_cached(tiny: Path, tmp_path: Path
     assert [c.digest for c in cached_calibrations("hw-key", 1, tmp_path)] == [digest]
     assert cached_calibrations("hw-key", 2, tmp_path) == []
     assert cached_calibrations("third-hw", 1, tmp_path) == []
+    # A file from an older edgemesh (another schema) is not read back.
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "schema": data["schema"] - 1}))
+    assert cached_calibrations("hw-key", 1, tmp_path) == []
 
 
 def test_calibration_times_openvino_and_skips_whole_model_backends(tiny: Path) -> None:

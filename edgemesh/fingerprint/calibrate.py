@@ -262,6 +262,7 @@ def calibrate(
         log.info("ignoring unreadable calibration cache %s", path)
     found = run_calibration(package_dir, installed, threads, memory_limit_bytes, position, window_s)
     data = found.to_dict() | {
+        "schema": SCHEMA,
         "hardware_key": hardware_key,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -288,7 +289,8 @@ def cached_calibrations(hardware_key: str, threads: int, cache_dir: Path) -> lis
     for path in sorted(cache_dir.glob("calibrate-*.json")):
         try:
             data = json.loads(path.read_text())
-            if data.get("hardware_key") != hardware_key or data.get("threads") != threads:
+            wanted = (SCHEMA, hardware_key, threads)
+            if (data.get("schema"), data.get("hardware_key"), data.get("threads")) != wanted:
                 continue
             cal = Calibration.from_dict("this box", data)
         except (OSError, ValueError, AttributeError, EdgemeshError):
