@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -129,6 +130,7 @@ def rpc_servers(
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[dict[str, Any]] = []
     try:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgemesh-rpc-logs-")))
         for i in range(n):
             port = _free_port()
             endpoint = f"127.0.0.1:{port}"
@@ -140,7 +142,7 @@ def rpc_servers(
                 from edgemesh.bench.cgroups import Limits
 
                 argv = stack.enter_context(Limits(box_cpus, None, f"rpc{i}")).wrap(argv)
-            log = open(Path(tempfile.gettempdir()) / f"edgemesh-rpc-{port}.log", "wb")
+            log = open(logs / f"rpc-{port}.log", "wb")
             stack.callback(log.close)
             procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             servers.append({"endpoint": endpoint, "pid": procs[-1].pid, "log": log.name})
@@ -466,6 +468,7 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
             engine.close()
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)  # Ray's session folder and the composed ranges
     return {**_summary(samples, load_s), "precision": job["precision"], "wire": wire}
 
 
