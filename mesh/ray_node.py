@@ -22,6 +22,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,27 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+KEEP_SESSIONS = 3
+"""Ray folders (logs, sockets) of the last runs kept in a box's temp dir."""
+
+
+def prune_sessions(temp_dir: Path, keep: int = KEEP_SESSIONS) -> list[Path]:
+    """Remove all but the ``keep`` newest ``session_*`` folders under ``temp_dir``.
+
+    Every ``ray start`` opens a new session folder and Ray never removes the
+    old ones, so a box that rejoins for months fills its disk with logs. The
+    newest few stay for post-mortems; ``session_latest`` (a link) is kept.
+    """
+    sessions = [d for d in temp_dir.glob("session_*") if d.is_dir() and not d.is_symlink()]
+    sessions.sort(key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
+    old = sessions[keep:]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    if old:
+        log.info("removed %d old Ray session folders from %s", len(old), temp_dir)
+    return old
+
+
 class RayProcess:
     """One ``ray start --block`` and the Ray processes under it."""
 
@@ -150,6 +172,7 @@ class RayProcess:
 
     def start(self) -> None:
         self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
+        prune_sessions(self.spec.temp_dir)
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spec.log_path, "ab") as out:
             out.write(f"\n--- {' '.join(self.spec.argv()[3:])}\n".encode())

@@ -33,7 +33,7 @@ from edgemesh.mesh.config import (
 )
 from edgemesh.mesh.election import FOLLOW, LEAD, WAIT, decide
 from edgemesh.mesh.membership import CRASH, HEAD_CHANGE, JOIN, LEAVE, EventLog, Membership
-from edgemesh.mesh.ray_node import HEALTH_ENV, RaySpec, box_resources
+from edgemesh.mesh.ray_node import HEALTH_ENV, RaySpec, box_resources, prune_sessions
 from edgemesh.mesh.records import (
     CANDIDATE,
     HEAD,
@@ -267,6 +267,20 @@ def test_ray_temp_dirs_are_short_and_distinct(tmp_path: Path) -> None:
     socket_path = a / "session_2026-01-01_00-00-00_000000_12345" / "sockets" / "plasma_store"
     assert len(str(socket_path)) < 107
     assert default_ray_temp_dir(Path("/s/b")) == Path("/s/b/ray")
+
+
+def test_old_ray_sessions_are_pruned_newest_kept(tmp_path: Path) -> None:
+    names = [f"session_2026-01-0{i}_00-00-00_000000_1" for i in range(1, 6)]
+    for i, name in enumerate(names):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        (tmp_path / name / "logs" / "raylet.out").write_text("x" * 100)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    (tmp_path / "session_latest").symlink_to(tmp_path / names[-1])
+    removed = prune_sessions(tmp_path, keep=3)
+    assert sorted(p.name for p in removed) == names[:2]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [*names[2:], "session_latest"]
+    assert prune_sessions(tmp_path, keep=3) == []
 
 
 # -- election ---------------------------------------------------------------
