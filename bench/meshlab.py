@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgemesh.bench.netns import Box, NetnsLab
 from edgemesh.errors import BoxLostError, MeshError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from edgemesh.mesh import MemberEvent, MeshStatus
@@ -377,6 +379,32 @@ def stream_chat(
     return Stream("".join(parts), reason, tokens, started, times)
 
 
+def run_parallel(jobs: Sequence[Callable[[], T]], timeout_s: float) -> list[T]:
+    """Run every job at once, one thread each; results in order. Re-raises the
+    first failure, and raises MeshError for a job still running after ``timeout_s``."""
+    results: list[Any] = [None] * len(jobs)
+    finished = [False] * len(jobs)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+            finished[i] = True
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    for result, done in zip(results, finished, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        if not done:
+            raise MeshError(f"a job did not finish within {timeout_s:g} s")
+    return results
+
+
 def run_chats(
     base_url: str,
     model: str,
@@ -385,26 +413,12 @@ def run_chats(
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> list[Stream]:
     """Stream every chat at once, one thread each; re-raises the first failure."""
-    results: list[Stream | BaseException | None] = [None] * len(texts)
 
-    def one(i: int) -> None:
-        try:
-            hook = (lambda n: on_chunk(i, n)) if on_chunk else None
-            results[i] = stream_chat(base_url, model, texts[i], max_tokens, on_chunk=hook)
-        except BaseException as exc:
-            results[i] = exc
+    def job(i: int) -> Callable[[], Stream]:
+        hook = (lambda n: on_chunk(i, n)) if on_chunk else None
+        return lambda: stream_chat(base_url, model, texts[i], max_tokens, on_chunk=hook)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=900)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-        if r is None:
-            raise MeshError("a chat did not finish within 900 s")
-    return results  # type: ignore[return-value]
+    return run_parallel([job(i) for i in range(len(texts))], timeout_s=900)
 
 
 def metrics(base_url: str, model: str) -> dict[str, Any]:

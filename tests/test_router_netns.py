@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgemesh.bench.meshlab import MeshBox, formed, wait_until
+from edgemesh.bench.meshlab import MeshBox, formed, run_parallel, wait_until
 from edgemesh.bench.netns import NetnsLab, skip_reason
 from tests.fixtures.tiny_models import shared_tiny_package
 
@@ -102,24 +102,12 @@ def run_chats(
     client: object, model: str, texts: list[str], max_tokens: int, on_chunk=None
 ) -> list[tuple[str, str | None]]:
     """Stream every chat at once, one thread each; re-raises the first failure."""
-    results: list[tuple[str, str | None] | BaseException | None] = [None] * len(texts)
 
-    def one(i: int) -> None:
-        try:
-            hook = (lambda n: on_chunk(i, n)) if on_chunk else None
-            results[i] = stream_chat(client, model, texts[i], max_tokens, hook)
-        except BaseException as exc:
-            results[i] = exc
+    def job(i: int):
+        hook = (lambda n: on_chunk(i, n)) if on_chunk else None
+        return lambda: stream_chat(client, model, texts[i], max_tokens, hook)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results  # type: ignore[return-value]
+    return run_parallel([job(i) for i in range(len(texts))], timeout_s=600)
 
 
 def _restore_log(box: MeshBox) -> str:
