@@ -28,11 +28,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from edgemesh.bench.isolation import run_worker
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "
@@ -152,15 +153,7 @@ def _spawn(
         "threads": threads,
         "repeats": repeats,
     }
-    cmd = [sys.executable, "-m", "edgemesh.bench.backends", "--worker", json.dumps(job)]
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench worker {backend}:{precision} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Other processes on the box skew a run: keep the 1-minute load around it.
-    result["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    return run_worker("edgemesh.bench.backends", job, f"{backend}:{precision}")
 
 
 # -- workers (one per subprocess) ---------------------------------------------

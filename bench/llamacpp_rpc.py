@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -410,8 +409,7 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     import itertools
     from dataclasses import replace
 
-    import ray
-
+    from edgemesh.bench.isolation import local_ray
     from edgemesh.engine import Engine, EngineConfig
     from edgemesh.router.placement import StaticPlacer
     from edgemesh.router.ray_pipeline import RayPipeline
@@ -422,15 +420,8 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     pkg = open_package(job["package"])
     n = pkg.num_layers
     boxes = ("a", "b")
-    tmp = Path(tempfile.mkdtemp(prefix="edgemesh-rpcbench-"))
-    ray.init(
-        num_cpus=2,
-        resources={f"box:{b}": 1.0 for b in boxes},
-        include_dashboard=False,
-        _temp_dir=str(tmp / "ray"),
-        logging_level="warning",
-    )
-    try:
+    # The temporary folder holds Ray's session and the composed ranges; both go at exit.
+    with local_ray(boxes, "edgemesh-rpcbench-") as (_ray, tmp):
         points = [0, *job["cuts"], n]
         specs = [
             StageSpec(i, boxes[i], a, b, n, backend=job["backend"], precision=job["precision"],
@@ -466,9 +457,6 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
             samples = [once(job["tokens"]) for _ in range(job["repeats"])]
         finally:
             engine.close()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)  # Ray's session folder and the composed ranges
     return {**_summary(samples, load_s), "precision": job["precision"], "wire": wire}
 
 
@@ -476,14 +464,9 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "edgemesh.bench.llamacpp_rpc", "--worker", json.dumps(job)]
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench worker {job['name']} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    from edgemesh.bench.isolation import run_worker
+
+    return run_worker("edgemesh.bench.llamacpp_rpc", job, job["name"])
 
 
 def _parse_split(text: str) -> list[float]:

@@ -277,21 +277,9 @@ def run(
     out: Path | None = RESULTS / "pipeline.json",
 ) -> dict[str, Any]:
     """Measure the data planes and the router on a local Ray node; write ``out``."""
-    import shutil
-    import tempfile
+    from edgemesh.bench.isolation import local_ray
 
-    from edgemesh.errors import require
-
-    ray = require("ray", "mesh")
-    tmp = Path(tempfile.mkdtemp(prefix="edgemesh-bench-"))
-    ray.init(
-        num_cpus=2,
-        resources={f"box:{b}": 1.0 for b in BOXES},
-        include_dashboard=False,
-        _temp_dir=str(tmp / "ray"),
-        logging_level="warning",
-    )
-    try:
+    with local_ray(BOXES, "edgemesh-bench-") as (ray, tmp):
         result = {
             "machine": {
                 "cpu": platform.processor() or platform.machine(),
@@ -307,9 +295,6 @@ def run(
             "data_plane": data_planes(ray, hidden, repeats),
             "router": router_figures(Path(model).resolve(), tokens, tmp),
         }
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
