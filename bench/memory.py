@@ -56,6 +56,7 @@ from typing import Any
 from edgemesh.bench.meshlab import (
     BoxLimits,
     MeshLab,
+    cgroup_oom_kills,
     load_1m,
     metrics,
     run_chats,
@@ -225,7 +226,7 @@ def load_whole_in_one_box(package: Path, limit: int) -> dict[str, Any]:
             capture_output=True, text=True, timeout=900, check=False,
         )  # fmt: skip
         seconds = time.monotonic() - t
-        oom = _oom_kills(cg)
+        oom = cgroup_oom_kills(cg)
     rc = proc.returncode
     if rc in (-9, 137) or (oom or 0) > 0:
         outcome = "killed by the kernel's OOM killer (SIGKILL)"
@@ -241,19 +242,6 @@ def load_whole_in_one_box(package: Path, limit: int) -> dict[str, Any]:
         "outcome": outcome,
         "stdout": proc.stdout.strip()[-300:],
     }
-
-
-def _oom_kills(cg: Any) -> int | None:
-    for d in cg.dirs:
-        for name in ("memory.events", "memory.oom_control"):
-            try:
-                for line in (d / name).read_text().splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-            except OSError:
-                continue
-    return None
 
 
 # -- (b) the mesh -----------------------------------------------------------------

@@ -125,20 +125,23 @@ class MeshBox:
 
     def oom_kills(self) -> int | None:
         """OOM kills inside the box's cgroup (None when the kernel does not say)."""
-        cg = self.box.cgroup
-        if cg is None:
-            return None
-        for d in cg.dirs:
-            for name in ("memory.events", "memory.oom_control"):
-                try:
-                    text = (d / name).read_text()
-                except OSError:
-                    continue
-                for line in text.splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        return None
+        return None if self.box.cgroup is None else cgroup_oom_kills(self.box.cgroup)
+
+
+def cgroup_oom_kills(cg: Any) -> int | None:
+    """OOM kills inside a ``cgroups.Limits`` group, from cgroup v2's
+    ``memory.events`` or v1's ``memory.oom_control`` (None when neither says)."""
+    for d in cg.dirs:
+        for name in ("memory.events", "memory.oom_control"):
+            try:
+                text = (d / name).read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return None
 
 
 def formed(boxes: Sequence[MeshBox]) -> str | None:
@@ -425,31 +428,6 @@ def metrics(base_url: str, model: str) -> dict[str, Any]:
     import httpx
 
     return httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).json()[model]
-
-
-def reference_texts(
-    package: Path, texts: Sequence[str], max_tokens: int, precision: str
-) -> tuple[list[str], float]:
-    """Greedy answers of one in-process pipeline (the single box), and its
-    median decode ms per token."""
-    import statistics
-
-    from edgemesh.sharding.package import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline
-
-    pkg = open_package(package)
-    tok = pkg.tokenizer()
-    pipe = load_pipeline(pkg, precision=precision)
-    try:
-        out, ms = [], []
-        for i, text in enumerate(texts):
-            ids = tok.encode_chat([{"role": "user", "content": text}])
-            gen = generate(pipe, ids, max_tokens=max_tokens, seq_id=i)
-            out.append(tok.decode(gen.token_ids))
-            ms.append(1000 / gen.decode_tokens_per_s)
-        return out, statistics.median(ms)
-    finally:
-        pipe.close()
 
 
 def load_1m() -> float:
