@@ -81,8 +81,7 @@ def _roofline_ms(manifest: Any, boxes: dict[str, dict], stage: Any, options: Any
     from edgemesh.sharding.boxes import BoxProfile
     from edgemesh.sharding.costs import CostModel
 
-    bare = [{**b, "calibration": None, "profile": {**b["profile"], "calibration": None}}
-            for b in boxes.values()]  # fmt: skip
+    bare = [{**b, "profile": {**b["profile"], "calibration": None}} for b in boxes.values()]
     model = CostModel(manifest, [BoxProfile.from_dict(b) for b in bare], None, options)
     b = model.index(stage.box)
     for opt in model.costs[b].options:

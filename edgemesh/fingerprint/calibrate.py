@@ -42,6 +42,7 @@ from edgemesh.backends.base import Backend, SeqInput
 from edgemesh.errors import BackendError, ConfigError, EdgemeshError, FingerprintError
 from edgemesh.sharding.calibration import Calibration, StageTiming
 from edgemesh.sharding.manifest import Manifest
+from edgemesh.sharding.package import Package
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def decode_step_ms(
 class _Setup:
     """What every timed range of one calibration shares."""
 
-    root: Path
+    package: Package
     threads: int
     position: int
     window_s: float
@@ -123,12 +124,10 @@ class _Setup:
 
 def _time_range(cls: type[Backend], setup: _Setup, start: int, stop: int, precision: str) -> float:
     from edgemesh.backends.base import BackendOptions, LayerRange, ShardSpec
-    from edgemesh.sharding.package import open_package
 
-    package = open_package(setup.root)
-    position = setup.position
+    package, position = setup.package, setup.position
     context = min(package.manifest.context_length, position + WARMUP_STEPS + MAX_STEPS + 1)
-    spec = ShardSpec(setup.root, LayerRange(start, stop), package.num_layers, precision)
+    spec = ShardSpec(package.root, LayerRange(start, stop), package.num_layers, precision)
     options = BackendOptions(threads=setup.threads, cache_dir=setup.cache,
                              context_length=context, max_sequences=1)  # fmt: skip
     with cls(spec, options) as backend:
@@ -145,9 +144,7 @@ def block_layers(num_layers: int, layer_bytes: int, memory_limit_bytes: int) -> 
 
 def time_option(cls: type[Backend], setup: _Setup, precision: str, block: int) -> StageTiming:
     """The four timings of one (backend, precision), decomposed."""
-    from edgemesh.sharding.package import open_package
-
-    last = open_package(setup.root).num_layers
+    last = setup.package.num_layers
     single = _time_range(cls, setup, 1, 2, precision)
     many = _time_range(cls, setup, 1, 1 + block, precision)
     first = _time_range(cls, setup, 0, 1, precision)
@@ -217,7 +214,7 @@ def run_calibration(
             layer_bytes = max(c.weight_bytes.get(precision, 0) for c in manifest.layers)
             block = block_layers(layers, layer_bytes, memory_limit_bytes)
             try:
-                setup = _Setup(package.root, threads, position, window_s, Path(tmp))
+                setup = _Setup(package, threads, position, window_s, Path(tmp))
                 timings[key] = time_option(cls, setup, precision, block)
             except (BackendError, MemoryError) as exc:
                 skipped[key] = str(exc)[:300]

@@ -236,9 +236,7 @@ class Fingerprint:
         }
         if self.measurement is not None:
             d["measure"] = self.measurement.to_dict()
-            d["profile"] = self.profile()
-        if self.calibrations:
-            d["calibration"] = [c.to_dict() for c in self.calibrations]
+            d["profile"] = self.profile()  # calibrations, if any, live in the profile
         return d
 
     @classmethod
@@ -259,7 +257,9 @@ class Fingerprint:
             precision=d["precision"],
             cgroup=CgroupInfo.from_dict(d.get("cgroup")),
             measurement=Measurement.from_dict(measure) if measure else None,
-            calibrations=list(parse_calibrations(d["id"], d.get("calibration"))),
+            calibrations=list(
+                parse_calibrations(d["id"], (d.get("profile") or {}).get("calibration"))
+            ),
         )
 
     def stable_fields(self) -> dict[str, Any]:
