@@ -80,6 +80,13 @@ class ShardSpec:
         return self.is_first and self.is_last
 
 
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver exposes at least one GPU (no import, no CUDA call): the
+    probe every backend with a CUDA device shares."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """Static facts about a backend, so the core never branches on its name."""

@@ -32,6 +32,7 @@ from edgemesh.backends.base import (
     PerSequenceBackend,
     SeqInput,
     ShardSpec,
+    nvidia_gpu_present,
 )
 from edgemesh.errors import (
     BackendUnavailableError,
@@ -106,8 +107,6 @@ class OnnxRuntimeBackend(PerSequenceBackend):
         kind = device.partition(":")[0]
         if kind not in _GPU_PROVIDERS:
             return super().device_unavailable(device)
-        from edgemesh.backends.tensorrt import nvidia_gpu_present
-
         ort = require("onnxruntime", "onnx")
         provider = _GPU_PROVIDERS[kind][0]
         if provider not in ort.get_available_providers():

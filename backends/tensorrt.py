@@ -48,6 +48,7 @@ from edgemesh.backends.base import (
     PerSequenceBackend,
     SeqInput,
     ShardSpec,
+    nvidia_gpu_present,
 )
 from edgemesh.errors import (
     BackendUnavailableError,
@@ -64,12 +65,6 @@ MAX_BATCH = 4
 PREFILL_CHUNK = 256
 WORKSPACE_BYTES = 2 << 30
 ENGINE_FORMAT = 1
-
-
-def nvidia_gpu_present() -> bool:
-    """An NVIDIA driver exposes at least one GPU (no import, no CUDA call)."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
 
 
 # -- graph preparation (runs anywhere; tested on onnxruntime) ------------------
