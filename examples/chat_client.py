@@ -1,6 +1,6 @@
 """Chat with a running edgemesh gateway through the official `openai` client.
 
-    python -m edgemesh serve            # in one terminal
+    edgemesh serve                      # in one terminal
     python examples/chat_client.py      # in another
 
 Set EDGEMESH_URL to point at another gateway (default http://127.0.0.1:8000/v1).
