@@ -10,7 +10,14 @@ the manifest.
 Costs in the manifest come from the exported graphs themselves: weight
 bytes are the sizes of each piece's files at each precision, FLOPs are
 2 x the multiply-adds of its MatMuls. Accuracy is the perplexity of each
-precision on ``sharding/data/perplexity.txt`` relative to fp32.
+precision on ``sharding/data/perplexity.txt`` relative to fp32, taken in
+windows of the model's context when the text is longer (``perplexity_windows``).
+
+The quality step never costs the export: the package is written (manifest
+included) before it runs, and when it cannot measure (a tokenizer that maps
+the text to fewer than two tokens, a runtime that refuses a precision) the
+manifest records the precision as not measured with the reason, and the
+planner then allows only fp32/fp16 (``costs.precision_refusal``).
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ class ConvertReport:
     perplexity: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        from edgemesh.sharding.costs import unmeasured_note
+
         m = self.manifest
         return {
             "package": str(self.package),
@@ -86,6 +95,7 @@ class ConvertReport:
             "peak_rss_bytes": self.peak_rss_bytes,
             "perplexity": {k: round(v, 4) for k, v in self.perplexity.items()},
             "accuracy": m.accuracy,
+            "accuracy_note": unmeasured_note(m),
             "bytes": sum(a.bytes for a in m.artifacts),
         }
 
@@ -183,19 +193,22 @@ def convert(
         src, spec, options, precisions, tok, files, out, sizes, layer_macs, head_macs
     )
     manifest.save(out)
-    ppl: dict[str, float] = {}
     t1 = time.perf_counter()
-    if options.evaluate:
-        ppl = evaluate(out, precisions, options, say)
-        base = ppl["fp32"]
-        accuracy = {p: round(ppl[p] / base - 1.0, 6) for p in precisions}
-        extra = dict(manifest.extra)
-        extra["perplexity"] = {
-            "text": "sharding/data/perplexity.txt",
-            "tokens": ppl.pop("_tokens"),
-            "values": {p: round(v, 4) for p, v in ppl.items()},
-        }
-        manifest = replace(manifest, accuracy=accuracy, extra=extra)
+    quality = (
+        evaluate(out, precisions, options, say)
+        if options.evaluate
+        else Quality(reason="convert ran with --no-eval")
+    )
+    manifest = replace(
+        manifest,
+        accuracy=quality.accuracy(precisions),
+        extra={**manifest.extra, "perplexity": quality.to_dict()},
+    )
+    if quality.unmeasured(precisions):
+        from edgemesh.sharding.costs import unmeasured_note
+
+        say(unmeasured_note(manifest) or f"accuracy not measured: {quality.reason}")
+    ppl = dict(quality.values)
     t_eval = time.perf_counter() - t1
     extra = dict(manifest.extra)
     extra["convert"] = {
@@ -274,42 +287,107 @@ def _manifest(
     )
 
 
+@dataclass
+class Quality:
+    """What the quality step measured, and why anything was not measured."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    """Precision -> perplexity (only the measured ones)."""
+    reason: str | None = None
+    """Why some precision (or all) has no value."""
+    tokens: int = 0
+    window: int = 0
+    stride: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    """Precision -> the error that stopped its measurement."""
+
+    def unmeasured(self, precisions: Sequence[str]) -> list[str]:
+        return [p for p in precisions if p not in self.values]
+
+    def accuracy(self, precisions: Sequence[str]) -> dict[str, float | None]:
+        """Relative perplexity increase vs fp32; None where not measured (fp32 is 0.0,
+        the reference, measured or not)."""
+        base = self.values.get("fp32")
+        out: dict[str, float | None] = {}
+        for p in precisions:
+            value = self.values.get(p)
+            out[p] = None if base is None or value is None else round(value / base - 1.0, 6)
+        return out | {"fp32": 0.0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": "sharding/data/perplexity.txt",
+            "measured": bool(self.values) and not self.failed and self.reason is None,
+            "reason": self.reason,
+            "tokens": self.tokens,
+            "window": self.window,
+            "stride": self.stride,
+            "values": {p: round(v, 4) for p, v in self.values.items()},
+            "failed": dict(self.failed),
+        }
+
+
 def evaluate(
     package: Path,
     precisions: Sequence[str],
     options: ConvertOptions,
     say: Callable[[str], None],
-) -> dict[str, Any]:
-    """Perplexity of the whole model at each precision on the bundled English text."""
-    from edgemesh.sharding.pipeline import load_pipeline, perplexity
+) -> Quality:
+    """Perplexity of the whole model at each precision on the bundled English text,
+    in windows of the model's context. Never raises an edgemesh error: what it
+    cannot measure comes back in ``Quality.reason``/``failed``."""
+    from edgemesh.errors import EdgemeshError
+    from edgemesh.sharding.pipeline import load_pipeline, perplexity_windows
 
     pkg = open_package(package)
     ids = pkg.tokenizer().encode(eval_text())
     if options.eval_tokens:
         ids = ids[: options.eval_tokens]
+    if len(ids) < 2:
+        return Quality(
+            reason=f"the tokenizer maps the bundled text to {len(ids)} token(s); "
+            "perplexity needs at least two",
+            tokens=len(ids),
+        )
+    window = pkg.manifest.context_length
+    quality = Quality(tokens=len(ids))
     tmp = None
     cache = options.cache_dir
     if cache is None:
         tmp = tempfile.mkdtemp(prefix="edgemesh-eval-")
         cache = Path(tmp)
-    result: dict[str, Any] = {"_tokens": len(ids)}
     try:
         for p in precisions:
             backend_opts = BackendOptions(threads=options.threads, cache_dir=cache)
-            pipe = load_pipeline(pkg, [], p, options=backend_opts)
+            t = time.perf_counter()
             try:
-                t = time.perf_counter()
-                result[p] = perplexity(pipe, ids)
-                say(
-                    f"perplexity {p}: {result[p]:.3f} ({len(ids)} tokens, "
-                    f"{time.perf_counter() - t:.1f} s)"
-                )
+                pipe = load_pipeline(pkg, [], p, options=backend_opts)
+                try:
+                    got = perplexity_windows(pipe, ids, window=window)
+                finally:
+                    pipe.close()
+            except EdgemeshError as exc:
+                log.warning("perplexity %s not measured: %s", p, exc)
+                quality.failed[p] = str(exc)
+                say(f"perplexity {p}: not measured ({exc})")
+                if p == "fp32":  # the reference: nothing else can be compared
+                    quality.reason = f"fp32 perplexity failed: {exc}"
+                    break
+                continue
             finally:
-                pipe.close()
-            if tmp is not None:  # whole-model graphs are big; keep one at a time
-                for child in Path(tmp).iterdir():
-                    shutil.rmtree(child, ignore_errors=True)
+                if tmp is not None:  # whole-model graphs are big; keep one at a time
+                    for child in Path(tmp).iterdir():
+                        shutil.rmtree(child, ignore_errors=True)
+            quality.values[p] = got.value
+            quality.window, quality.stride = got.window, got.stride
+            windows = "" if got.window == got.tokens else f", windows of {got.window}"
+            say(
+                f"perplexity {p}: {got.value:.3f} ({got.tokens} tokens{windows}, "
+                f"{time.perf_counter() - t:.1f} s)"
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return result
+    if quality.failed and quality.reason is None:
+        quality.reason = "; ".join(f"{p}: {why}" for p, why in quality.failed.items())
+    return quality

@@ -25,7 +25,12 @@ from here, so they are judged by the same rules:
 * **Precisions** allowed: those whose measured relative perplexity increase
   (``manifest.accuracy``) is ≤ ``max_accuracy_loss``. Unmeasured (None or
   missing) counts as allowed for fp32 and fp16 only: they are the reference
-  and a lossless-in-practice cast; int8/int4 must be measured.
+  and a lossless-in-practice cast; int8/int4 must be measured, unless the
+  budget is unbounded (``max_accuracy_loss=inf``, ``--max-accuracy-loss
+  inf``): then the user has accepted any loss, measured or not. ``convert``
+  leaves int8/int4 unmeasured when its quality step could not run (a
+  tokenizer that cannot represent the bundled text, ``--no-eval``);
+  ``unmeasured_note`` says so in the CLI.
 """
 
 from __future__ import annotations
@@ -109,12 +114,42 @@ def precision_refusal(manifest: Manifest, precision: str, max_loss: float) -> st
         return f"{precision}: the model has no {precision} weights"
     loss = manifest.accuracy.get(precision)
     if loss is None:
-        if precision in UNMEASURED_ALLOWED:
+        if precision in UNMEASURED_ALLOWED or max_loss == INF:
             return None
-        return f"{precision}: accuracy not measured (only fp32/fp16 may be unmeasured)"
+        return (
+            f"{precision}: accuracy not measured (only fp32/fp16 may be unmeasured; "
+            "--max-accuracy-loss inf allows it)"
+        )
     if loss > max_loss:
         return f"{precision}: accuracy loss {loss:.3f} > max_accuracy_loss {max_loss:.3f}"
     return None
+
+
+def unmeasured_precisions(manifest: Manifest) -> list[str]:
+    """The package's precisions the planner refuses for want of a measurement."""
+    return [
+        p
+        for p in PRECISIONS
+        if p not in UNMEASURED_ALLOWED
+        and all(p in layer.weight_bytes for layer in manifest.layers)
+        and manifest.accuracy.get(p) is None
+    ]
+
+
+def unmeasured_note(manifest: Manifest, max_loss: float | None = None) -> str | None:
+    """One line for the CLI when some of the package's precisions have no
+    measured accuracy: which, why (from ``convert``), and what the planner
+    then allows. None when everything is measured (or the budget is unbounded)."""
+    missing = unmeasured_precisions(manifest)
+    if not missing or max_loss == INF:
+        return None
+    why = (manifest.extra.get("perplexity") or {}).get("reason") or "no measurement recorded"
+    allowed = [p for p in UNMEASURED_ALLOWED if all(p in lc.weight_bytes for lc in manifest.layers)]
+    return (
+        f"accuracy not measured for {', '.join(missing)} ({why}): the planner uses only "
+        f"{'/'.join(allowed) or 'measured precisions'} for '{manifest.name}'; "
+        "--max-accuracy-loss inf allows the unmeasured ones"
+    )
 
 
 def weight_at(cost: LayerCost, precision: str) -> int:

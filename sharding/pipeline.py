@@ -136,30 +136,96 @@ def generate(
     return Generation(out, len(prompt), t_first - t0, t_end - t_first, finish)
 
 
-def perplexity(
-    pipeline: LocalPipeline, token_ids: Sequence[int], *, chunk: int = 256, seq_id: int = 1
-) -> float:
-    """exp(mean NLL) of ``token_ids[1:]`` given their prefixes, in one long sequence.
+@dataclass(frozen=True)
+class Perplexity:
+    """A perplexity figure and how it was taken."""
 
-    The text is fed ``chunk`` tokens at a time with logits for every row, so
+    value: float
+    tokens: int
+    """Tokens of the text (the first is never scored: it has no prefix)."""
+    scored: int
+    """Tokens whose log-likelihood was summed (``tokens - 1``)."""
+    window: int
+    """Most tokens one sequence held (the model's context, or the whole text)."""
+    stride: int
+    """Tokens a window advances by (``window`` when the text fits in one)."""
+
+
+def perplexity(
+    pipeline: LocalPipeline,
+    token_ids: Sequence[int],
+    *,
+    window: int | None = None,
+    chunk: int = 256,
+    seq_id: int = 1,
+) -> float:
+    """exp(mean NLL) of ``token_ids[1:]`` given their prefixes (see ``perplexity_windows``)."""
+    return perplexity_windows(pipeline, token_ids, window=window, chunk=chunk, seq_id=seq_id).value
+
+
+def perplexity_windows(
+    pipeline: LocalPipeline,
+    token_ids: Sequence[int],
+    *,
+    window: int | None = None,
+    chunk: int = 256,
+    seq_id: int = 1,
+) -> Perplexity:
+    """exp(mean NLL) of every token after the first, each given its prefix.
+
+    A text that fits in ``window`` tokens (None: any length) runs as one
+    sequence, fed ``chunk`` tokens at a time with logits for every row, so
     the KV cache carries the whole prefix and memory stays ``chunk x V``.
+    A longer text (a model whose context is shorter than the text) is
+    scored in windows of ``window`` tokens advancing by half a window: each
+    window is a fresh sequence and scores only the tokens the previous one
+    did not, so every token is scored once and, past the first window, with
+    at least ``window / 2`` tokens of prefix (the strided method of
+    Hugging Face's perplexity guide). Raises ``ConfigError`` for fewer than
+    two tokens or a window under two.
     """
     ids = np.asarray(token_ids, dtype=np.int64)
-    if ids.shape[0] < 2:
-        raise ConfigError("perplexity needs at least two tokens")
+    n = int(ids.shape[0])
+    if n < 2:
+        raise ConfigError(f"perplexity needs at least two tokens, got {n}")
+    if window is not None and window < 2:
+        raise ConfigError(f"a perplexity window needs at least two tokens, got {window}")
+    size = n if window is None or n <= window else window
+    stride = size if size == n else max(1, size // 2)
     nll = 0.0
     count = 0
+    done = 1  # targets [1, done) are scored; token 0 has no prefix
+    begin = 0
+    while done < n:
+        end = min(begin + size, n)
+        nll += _window_nll(pipeline, ids[begin:end], done - begin, chunk, seq_id)
+        count += end - done
+        done = end
+        begin += stride
+    return Perplexity(math.exp(nll / count), n, count, size, stride)
+
+
+def _window_nll(
+    pipeline: LocalPipeline, ids: np.ndarray, first_target: int, chunk: int, seq_id: int
+) -> float:
+    """Summed NLL of ``ids[first_target:]``, the window fed as one fresh sequence."""
+    nll = 0.0
     try:
         for begin in range(0, ids.shape[0] - 1, chunk):
             piece = ids[begin : min(begin + chunk, ids.shape[0] - 1)]
+            # row r predicts ids[begin + r + 1]; keep the rows whose target is scored
+            keep = max(0, first_target - begin - 1)
+            if keep >= piece.shape[0]:  # prefix only: fill the KV cache, skip the head's rows
+                pipeline.forward([SeqInput(seq_id, begin, tokens=piece, logits="last")])
+                continue
             logits = pipeline.forward([SeqInput(seq_id, begin, tokens=piece, logits="all")])[0]
-            targets = ids[begin + 1 : begin + 1 + piece.shape[0]]
-            # logits: [n, V] float32; log-sum-exp accumulated in float64
-            top = logits.max(axis=-1, keepdims=True)
-            logz = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64)) + top[:, 0]
-            picked = logits[np.arange(targets.shape[0]), targets].astype(np.float64)
+            rows = logits[keep:]  # [n, V] float32
+            targets = ids[begin + 1 + keep : begin + 1 + piece.shape[0]]
+            # log-sum-exp accumulated in float64
+            top = rows.max(axis=-1, keepdims=True)
+            logz = np.log(np.exp(rows - top).sum(axis=-1, dtype=np.float64)) + top[:, 0]
+            picked = rows[np.arange(targets.shape[0]), targets].astype(np.float64)
             nll += float((logz - picked).sum())
-            count += int(targets.shape[0])
     finally:
         pipeline.release(seq_id)
-    return math.exp(nll / count)
+    return nll

@@ -179,7 +179,8 @@ def test_unmeasured_int8_is_refused_but_unmeasured_fp16_is_allowed() -> None:
     model = CostModel(manifest, [box], options=PlanOptions())
     assert [o.precision for o in model.costs[0].options] == ["fp16"]
     assert model.costs[0].refused == [
-        "rt/int8: accuracy not measured (only fp32/fp16 may be unmeasured)"
+        "rt/int8: accuracy not measured (only fp32/fp16 may be unmeasured; "
+        "--max-accuracy-loss inf allows it)"
     ]
     assert plan(manifest, [box]).stages[0].precision == "fp16"
 

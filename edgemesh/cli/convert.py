@@ -77,3 +77,5 @@ def command(
         loss = summary["accuracy"].get(precision)
         shown = "" if loss is None else f" ({loss * 100:+.2f}% vs fp32)"
         typer.echo(f"  perplexity {precision}: {ppl:.3f}{shown}")
+    if summary["accuracy_note"]:
+        typer.echo(f"  {summary['accuracy_note']}")

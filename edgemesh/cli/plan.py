@@ -84,3 +84,8 @@ def command(
         print_json(result.to_dict())
     else:
         typer.echo(render_plan(result))
+    from edgemesh.sharding.costs import unmeasured_note
+
+    note = unmeasured_note(manifest, max_accuracy_loss)
+    if note:
+        typer.echo(note, err=True)
