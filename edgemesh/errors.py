@@ -17,7 +17,8 @@
     ├── MeshError
     │   ├── DiscoveryError          mDNS announce/browse failed
     │   ├── AuthError               wrong or missing mesh secret
-    │   └── BoxLostError            a box vanished mid-generation
+    │   ├── BoxLostError            a box vanished mid-generation
+    │   └── MeshSettlingError       the mesh did not settle in time (names what still settles)
     └── RequestError                a client request that cannot be served
         ├── ContextOverflowError    prompt + max_tokens exceed the context
         ├── OverloadedError         the queue is full; retry later
@@ -121,6 +122,15 @@ class AuthError(MeshError):
 
 class BoxLostError(MeshError):
     pass
+
+
+class MeshSettlingError(MeshError):
+    """The mesh was still settling (electing, joining Ray) when a wait ran out;
+    ``settling`` lists what was still under way."""
+
+    def __init__(self, message: str, *, settling: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.settling = list(settling)
 
 
 class RequestError(EdgemeshError):

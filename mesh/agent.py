@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemesh import __version__
 from edgemesh.errors import MeshError
+from edgemesh.mesh.box_id import collision_hint, resolve_box_id
 from edgemesh.mesh.config import JoinSettings, MeshSecret, process_env, write_json, write_private
 from edgemesh.mesh.deployments import DeploymentStore
 from edgemesh.mesh.discovery import Discovery
@@ -67,12 +68,14 @@ class Agent:
         start_ray: bool = True,
         interface: MeshInterface | None = None,
     ) -> None:
+        self.settings = settings
+        self.paths = settings.paths.ensure()
+        # Unique per box without --box-id, and kept in the state folder (mesh.box_id).
+        self.identity = resolve_box_id(self.paths, settings.box_id)
         if fingerprint is None:
             from edgemesh.fingerprint import collect
 
-            fingerprint = collect(box_id=settings.box_id)
-        self.settings = settings
-        self.paths = settings.paths.ensure()
+            fingerprint = collect(box_id=self.identity.box_id)
         self.iface = interface or choose_interface(settings.interface)
         self.start_ray = start_ray
         fp = fingerprint.to_dict()
@@ -80,7 +83,7 @@ class Agent:
         self._cpus = max(1, round(fingerprint.summary().get("cores_effective") or 1))
         self.record = BoxRecord(
             mesh=settings.mesh,
-            box_id=settings.box_id or fingerprint.id,
+            box_id=self.identity.box_id,
             role=CANDIDATE,
             address=self.iface.address,
             # Millisecond precision: what the TXT record carries, so this
@@ -102,6 +105,7 @@ class Agent:
             ray_version=self.record.ray_version,
             on_record=self.membership.upsert,
             on_remove=self.membership.remove,
+            collision_hint=collision_hint(self.identity),
         )
         write_private(self.paths.ray_token, secret.ray_token(settings.mesh))
         self._stop = threading.Event()

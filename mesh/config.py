@@ -7,6 +7,7 @@ variables (``EDGEMESH_STATE_DIR``, ``XDG_STATE_HOME``, ``HOME`` through
 A box's state folder holds::
 
     settings.json     the options `edgemesh join` ran with (no secret)
+    box_id            this box's default id, kept so it never changes (mesh.box_id)
     secret            the mesh secret, when join created it (mode 0600)
     ray_token         the Ray auth token derived from the secret (0600)
     state.json        the running agent's view of the mesh (for status, router)
@@ -101,6 +102,10 @@ class StatePaths:
     @property
     def secret(self) -> Path:
         return self.root / "secret"
+
+    @property
+    def box_id(self) -> Path:
+        return self.root / "box_id"
 
     @property
     def ray_token(self) -> Path:

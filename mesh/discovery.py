@@ -85,8 +85,10 @@ class Discovery:
         ray_version: str,
         on_record: Callable[[BoxRecord], None],
         on_remove: Callable[[str], None],
+        collision_hint: str = "give this box its own --box-id",
     ) -> None:
         self.mesh = mesh
+        self._collision_hint = collision_hint
         self.address = address
         self._key = key
         self._versions = (version, ray_version)
@@ -122,7 +124,7 @@ class Discovery:
             self.close()
             raise ConfigError(
                 f"another box already announces the id '{record.box_id}' in mesh '{self.mesh}'",
-                hint="give this box its own --box-id",
+                hint=self._collision_hint,
             ) from exc
         except Exception as exc:
             self.close()

@@ -50,6 +50,32 @@ def _default_route_interface(route_file: Path = Path("/proc/net/route")) -> str 
     return None
 
 
+_NO_MAC = "00:00:00:00:00:00"
+
+
+def primary_interface() -> str | None:
+    """The name ``choose_interface()`` picks by default, without its loopback
+    fallback: the box's own outward-facing interface (inside a network
+    namespace, its veth), or None when it has none."""
+    try:
+        iface = choose_interface()
+    except ConfigError:
+        return None
+    return None if ipaddress.IPv4Address(iface.address).is_loopback else iface.name
+
+
+def mac_address(name: str | None) -> str | None:
+    """The hardware address of interface ``name`` as this process's network
+    namespace sees it (psutil asks the kernel, so a namespace sees its own
+    veth, not the host's ``/sys``); None for loopback, all-zero or unknown."""
+    if not name:
+        return None
+    for addr in psutil.net_if_addrs().get(name, []):
+        if addr.family == psutil.AF_LINK and addr.address and addr.address != _NO_MAC:
+            return addr.address.lower()
+    return None
+
+
 def choose_interface(wanted: str | None = None) -> MeshInterface:
     """The mesh interface for ``wanted`` (name or address), or the default."""
     addrs = _ipv4_by_interface()

@@ -43,6 +43,14 @@ def command(
     ] = None,
     port: Annotated[int, typer.Option(help="Port of the mesh gateway on the head.")] = 8000,
     json_out: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            help="Seconds to wait for the mesh to settle (every listed box in the Ray "
+            "cluster) before deploying; 0 checks once.",
+        ),
+    ] = 120.0,
     restore: Annotated[
         bool,
         typer.Option(
@@ -56,6 +64,7 @@ def command(
     from edgemesh.errors import ConfigError
     from edgemesh.mesh import connect
     from edgemesh.mesh.config import default_state_dir, load_settings
+    from edgemesh.mesh.settle import wait_settled
     from edgemesh.router.deploy import deploy
 
     with user_errors():
@@ -73,6 +82,14 @@ def command(
                 )
         if restore == (model_dir is not None):
             raise ConfigError("give either MODEL_DIR or --restore")
+        if not restore:
+            # `status` lists a box before it is in the Ray cluster: planning then
+            # would leave it out (or fail here), so wait for the mesh to settle.
+            # (--restore is the new head's own agent, which runs it once its Ray
+            # is up; the gateway re-plans as the other boxes come back.)
+            wait_settled(
+                folder, mesh=mesh, timeout_s=wait, progress=lambda ln: typer.echo(ln, err=True)
+            )
         conn = connect(folder, mesh=mesh, logging_level="warning")
         if restore:
             from edgemesh.router.restore import restore as restore_all

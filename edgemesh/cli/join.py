@@ -76,7 +76,12 @@ def command(
     secret_file: SecretOpt = None,
     state_dir: StateOpt = None,
     box_id: Annotated[
-        str | None, typer.Option("--box-id", help="This box's id; default: from its fingerprint.")
+        str | None,
+        typer.Option(
+            "--box-id",
+            help="This box's id; default: hostname plus a hash of the machine id and the "
+            "primary interface's MAC, kept in <state-dir>/box_id so it never changes.",
+        ),
     ] = None,
     interface: IfaceOpt = None,
     ray_port: Annotated[
@@ -137,7 +142,8 @@ def command(
     with user_errors():
         agent = Agent(settings, secret, start_ray=not no_ray)
         typer.echo(
-            f"box {agent.box_id} joining mesh '{mesh}' on {agent.iface.name} "
+            f"box {agent.box_id} ({agent.identity.source}) joining mesh '{mesh}' on "
+            f"{agent.iface.name} "
             f"({agent.iface.address}); secret id {secret.key_id()}; Ctrl-C leaves",
             err=True,
         )

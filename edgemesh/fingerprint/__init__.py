@@ -43,6 +43,7 @@ __all__ = [
     "MatmulFigure",
     "Measurement",
     "MemoryInfo",
+    "box_facts",
     "collect",
     "default_box_id",
 ]
@@ -56,13 +57,32 @@ def _hostname(root: Sysroot) -> str:
     return socket.gethostname() if root.is_live else "box"
 
 
-def default_box_id(hostname: str, machine_id: str | None) -> str:
-    """``<hostname>-<6 hex of sha256(machine-id)>``: readable, and distinct
-    for two boxes that kept the same image's hostname."""
+def default_box_id(hostname: str, machine_id: str | None, mac: str | None = None) -> str:
+    """``<hostname>-<6 hex>``: readable, and distinct for two boxes that kept
+    the same image's hostname. The hex is a sha256 of the machine id and the
+    primary interface's MAC (either alone when the other is missing): cloned
+    SD cards and network namespaces share the machine id, but not the MAC
+    of their own interface. Neither known: the bare hostname (the mesh then
+    adds a random suffix and keeps it, ``edgemesh.mesh.box_id``)."""
     base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-") or "box"
-    if not machine_id:
+    facts = [f for f in (machine_id, mac) if f]
+    if not facts:
         return base
-    return f"{base}-{hashlib.sha256(machine_id.encode()).hexdigest()[:6]}"
+    return f"{base}-{hashlib.sha256('/'.join(facts).encode()).hexdigest()[:6]}"
+
+
+def box_facts(sysroot: Path = Path("/")) -> tuple[str, str | None, str | None]:
+    """(hostname, machine id, MAC of the primary interface) of a box: what its
+    default id is made of. The MAC is read on the live box only (the kernel's
+    view for this network namespace); a snapshot has none."""
+    root = Sysroot(sysroot)
+    machine_id = root.read_strip("/etc/machine-id") or root.read_strip("/var/lib/dbus/machine-id")
+    mac = None
+    if root.is_live:
+        from edgemesh.mesh.network import mac_address, primary_interface
+
+        mac = mac_address(primary_interface())
+    return _hostname(root), machine_id or None, mac
 
 
 def collect(
@@ -104,11 +124,10 @@ def collect(
     compat = compatible(root)
     accelerators = read_accelerators(root, compat)
     backends = backends_for(facts.arch, facts.vendor, accelerators)
-    hostname = _hostname(root)
-    machine_id = root.read_strip("/etc/machine-id") or root.read_strip("/var/lib/dbus/machine-id")
+    hostname, machine_id, mac = box_facts(sysroot)
 
     found = Fingerprint(
-        id=box_id or default_box_id(hostname, machine_id),
+        id=box_id or default_box_id(hostname, machine_id, mac),
         hostname=hostname,
         arch=facts.arch,
         cpu=cpu,
