@@ -1,0 +1,168 @@
+"""A graph model the gateway serves over /v2: package + engine + dynamic batcher.
+
+``load_graph_service(path, ...)`` opens a graph package, picks this box's
+backend and precision (``select.choose``), verifies that precision's files
+against ``graph.json``, compiles (or reads the cached compile of) the
+engine under ``engines/<box-key>/`` and wraps it in a ``DynamicBatcher``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemesh.errors import TensorError
+from edgemesh.graph.batcher import BatchingOptions, DynamicBatcher
+from edgemesh.graph.manifest import GraphManifest
+from edgemesh.graph.select import DEFAULT_MAX_ACCURACY_LOSS, Choice, box_key, choose
+
+log = logging.getLogger(__name__)
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
+             "rknn": "rknn"}
+
+
+@dataclass(frozen=True)
+class GraphServeOptions:
+    name: str | None = None
+    backend: str | None = None
+    precision: str | None = None
+    max_accuracy_loss: float = DEFAULT_MAX_ACCURACY_LOSS
+    threads: int | None = None
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+
+
+class GraphService:
+    """One served graph. ``infer`` validates, batches and runs; safe to call
+    from many requests at once on one event loop."""
+
+    def __init__(
+        self, name: str, root: Path, manifest: GraphManifest, backend: Any, choice: Choice,
+        batching: BatchingOptions,
+    ) -> None:
+        self.name = name
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.choice = choice
+        self.created = int(time.time())
+        batchable = all(s.batched for s in manifest.inputs)
+        self.batcher = DynamicBatcher(backend.run, batching, batchable=batchable)
+        self._inputs = {s.name: s for s in manifest.inputs}
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.queue_depth
+
+    @property
+    def info(self) -> dict[str, Any]:
+        entry = self.manifest.precisions[self.choice.precision]
+        return {
+            "backend": self.choice.backend,
+            "precision": self.choice.precision,
+            "device": self.choice.device,
+            "chosen_by": self.choice.reason,
+            "path": str(self.root),
+            "source": self.manifest.source.framework,
+            "accuracy": None if entry.accuracy is None else entry.accuracy.__dict__,
+            "compiled_from": getattr(self.backend, "compiled_from", "onnx"),
+        }
+
+    def validate(self, feeds: dict[str, np.ndarray]) -> None:
+        missing = [n for n in self._inputs if n not in feeds]
+        extra = [n for n in feeds if n not in self._inputs]
+        if missing or extra:
+            raise TensorError(
+                f"model '{self.name}' takes inputs {list(self._inputs)}; missing {missing}, "
+                f"unknown {extra}",
+                param=(missing or extra)[0],
+            )
+        rows = set()
+        for name, array in feeds.items():
+            spec = self._inputs[name]
+            spec.check(array)
+            if spec.batched:
+                rows.add(array.shape[0])
+        if len(rows) > 1:
+            raise TensorError(f"inputs disagree on the batch size: {sorted(rows)}")
+        if rows:
+            n = rows.pop()
+            if n == 0:
+                raise TensorError("the inputs have an empty batch axis (0 rows)")
+            if n > self.backend.capabilities.max_batch:
+                raise TensorError(
+                    f"batch of {n} exceeds this engine's max batch "
+                    f"{self.backend.capabilities.max_batch}; split the request"
+                )
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Input name -> array in; output name -> array out (graph order)."""
+        self.validate(feeds)
+        outputs = await self.batcher.submit(feeds)
+        return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs, strict=True)}
+
+    def metadata(self) -> dict[str, Any]:
+        """OIP model metadata."""
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": PLATFORMS.get(self.choice.backend, self.choice.backend),
+            "inputs": [
+                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                for s in self.manifest.inputs
+            ],
+            "outputs": [
+                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                for s in self.manifest.outputs
+            ],
+        }
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.backend.close()
+
+
+def load_graph_service(path: Path | str, options: GraphServeOptions | None = None) -> GraphService:
+    from edgemesh.backends import registry
+    from edgemesh.backends.graph_base import GraphOptions
+
+    options = options or GraphServeOptions()
+    root = Path(path).expanduser().resolve()
+    manifest = GraphManifest.load(root)
+    fingerprint = None
+    if options.backend is None or options.precision is None:
+        from edgemesh.fingerprint import collect
+
+        fingerprint = collect().to_dict()
+    choice = choose(
+        manifest,
+        backend=options.backend,
+        precision=options.precision,
+        max_accuracy_loss=options.max_accuracy_loss,
+        fingerprint=fingerprint,
+    )
+    graph = manifest.verify(root, choice.precision)
+    cls = registry.get_graph(choice.backend)
+    engine_dir = None
+    if cls.capabilities.compiled_format is not None:
+        engine_dir = root / "engines" / box_key(cls, choice.device, fingerprint)
+    backend = cls(
+        graph,
+        manifest.inputs,
+        choice.precision,
+        GraphOptions(
+            threads=options.threads,
+            device=choice.device,
+            engine_dir=engine_dir,
+            max_batch=options.batching.max_batch,
+        ),
+    )
+    log.info("%s: %s/%s (%s)", manifest.name, choice.backend, choice.precision, choice.reason)
+    return GraphService(
+        options.name or manifest.name, root, manifest, backend, choice, options.batching
+    )
