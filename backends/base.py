@@ -18,16 +18,15 @@ Ray actor).
 from __future__ import annotations
 
 import importlib.util
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from edgemesh.errors import ConfigError, ContextOverflowError, InferenceError
+from edgemesh.errors import ConfigError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 
@@ -205,113 +204,3 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class PerSequenceBackend(Backend):
-    """A backend that runs its shard one sequence at a time and keeps each
-    sequence's KV state in ``_seqs`` (the ONNX-path engines).
-
-    Subclasses implement ``_one`` (one sequence's forward, updating its state)
-    and ``_free`` (drop the runtime's objects on close); ``label`` names the
-    runtime in errors. Calls are serialized: a runtime session is not safe to
-    run from two threads on the same KV state.
-    """
-
-    label: ClassVar[str]
-
-    def __init__(self, shard: ShardSpec, options: BackendOptions | None = None) -> None:
-        super().__init__(shard, options)
-        self._seqs: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def forward(self, batch: Sequence[SeqInput]) -> list[np.ndarray]:
-        with self._lock:
-            if self._closed:
-                raise InferenceError(f"the {self.label} backend is closed")
-            return [self._one(item) for item in batch]
-
-    def release(self, seq_id: int) -> None:
-        with self._lock:
-            self._seqs.pop(seq_id, None)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._seqs.clear()
-            self._free()
-
-    def _open_range(self) -> Any:
-        """Open the shard's package and read what a range needs from its
-        manifest: ``hidden_size``, ``vocab_size``, ``_kv_heads``, ``_head_dim``,
-        ``context_length`` (the option, capped by the model), ``max_sequences``,
-        ``_first``/``_last`` and ``_layers``. Returns the ``Package``."""
-        from edgemesh.sharding.package import open_package
-
-        shard = self.shard
-        package = open_package(shard.model)
-        manifest = package.manifest
-        if package.num_layers != shard.num_layers:
-            raise ConfigError(
-                f"shard says {shard.num_layers} layers but '{shard.model}' has {package.num_layers}"
-            )
-        package.check_range(shard.layers.start, shard.layers.stop, shard.precision)
-        self.hidden_size = manifest.hidden_size
-        self.vocab_size = manifest.vocab_size
-        self._kv_heads = int(manifest.extra["kv_heads"])
-        self._head_dim = int(manifest.extra["head_dim"])
-        self.context_length = min(
-            self.options.context_length or manifest.context_length, manifest.context_length
-        )
-        self.max_sequences = max(1, self.options.max_sequences)
-        self._first, self._last = shard.is_first, shard.is_last
-        self._layers = list(range(shard.layers.start, shard.layers.stop))
-        return package
-
-    def _check_room(self, item: SeqInput, context_length: int) -> int:
-        """The number of new positions, refusing empty calls and context overflow."""
-        n = item.length
-        if n < 1:
-            raise InferenceError("a forward call needs at least one new token")
-        if item.start_pos + n > context_length:
-            raise ContextOverflowError(
-                f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the context "
-                f"is {context_length}"
-            )
-        return n
-
-    def _range_feeds(self, item: SeqInput, hidden_size: int) -> dict[str, np.ndarray]:
-        """A layer-range graph's inputs for one sequence (batch of 1), except
-        the KV cache: ``input_ids`` or ``hidden_in``, ``position_ids`` and, on
-        the last range, ``logit_index`` (see ``sharding/package.py``)."""
-        n = item.length
-        layers = self.shard.layers
-        if self.shard.is_first:
-            if item.tokens is None:
-                raise InferenceError(f"layers {layers} start the model: send token ids")
-            feeds = {"input_ids": np.ascontiguousarray(item.tokens, dtype=np.int64).reshape(1, n)}
-        else:
-            if item.hidden is None:
-                raise InferenceError(f"layers {layers} take hidden states, not tokens")
-            hidden = np.ascontiguousarray(item.hidden, dtype=np.float32)
-            if hidden.shape != (n, hidden_size):
-                raise InferenceError(
-                    f"hidden states of shape {hidden.shape}; layers {layers} "
-                    f"take [{n}, {hidden_size}]"
-                )
-            feeds = {"hidden_in": hidden[None]}  # [1, S, H]
-        feeds["position_ids"] = np.arange(item.start_pos, item.start_pos + n, dtype=np.int64)[None]
-        if self.shard.is_last:
-            rows = np.arange(n) if item.logits == "all" else np.array([n - 1])
-            feeds["logit_index"] = rows.astype(np.int64)
-        return feeds
-
-    @abstractmethod
-    def _one(self, item: SeqInput) -> np.ndarray:
-        """Run one sequence's new tokens/hidden states; called under the lock."""
-
-    @abstractmethod
-    def _free(self) -> None:
-        """Drop the runtime's session/engine objects (close, under the lock)."""

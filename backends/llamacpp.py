@@ -195,6 +195,8 @@ class LlamaCppBackend(Backend):
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._slots: dict[int, int] = {}
         self._free = list(range(self.max_sequences - 1, -1, -1))
+        self.graph_runs = 0
+        """``llama_decode`` calls so far: a call's sequences share one (up to n_batch tokens)."""
 
     # -- contract ---------------------------------------------------------
 
@@ -262,6 +264,7 @@ class LlamaCppBackend(Backend):
             b.logits[k] = want
         b.n_tokens = len(chunk)
         rc = self._llama.llama_decode(self._ctx, b)
+        self.graph_runs += 1
         if rc != 0:
             reason = "no room left in the KV cache" if rc == 1 else f"error code {rc}"
             raise InferenceError(f"llama_decode failed: {reason}")

@@ -6,13 +6,12 @@ range graph from the package's per-layer pieces, and opens one
 threads, or CUDA / TensorRT when ``BackendOptions.device`` asks for them
 and the installed onnxruntime has them.
 
-KV cache: each sequence keeps its layers' ``present`` tensors as
-``OrtValue``s on the session's device and binds them as the next call's
-``past`` through I/O binding, so the cache never crosses into numpy
-between steps (docs/SHARDS.md has the measurement against plain
-``session.run``). Sequences in one ``forward`` call run one after another:
-the graphs take a batch axis, but sequences at different cache lengths
-would need padding and masks that the graphs do not have.
+KV cache: ``RangeGraphBackend`` (``backends/batching.py``) keeps the
+caches and runs all decode rows of a call as one padded batch; here the
+``present`` tensors stay ``OrtValue``s on the session's device and are
+bound as the next call's ``past`` through I/O binding, so the cache never
+crosses into numpy between steps (docs/SHARDS.md has the measurement
+against plain ``session.run``).
 
 This module is the only place edgemesh imports ``onnxruntime``.
 """
@@ -21,26 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import (
-    PRECISIONS,
-    Capabilities,
-    PerSequenceBackend,
-    SeqInput,
-    ShardSpec,
-    nvidia_gpu_present,
-)
-from edgemesh.errors import (
-    BackendUnavailableError,
-    ConfigError,
-    InferenceError,
-    ShardLoadError,
-    require,
-)
+from edgemesh.backends.base import PRECISIONS, Capabilities, ShardSpec, nvidia_gpu_present
+from edgemesh.backends.batching import RangeGraphBackend
+from edgemesh.errors import BackendUnavailableError, ConfigError, ShardLoadError, require
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +40,6 @@ _GPU_PROVIDERS = {
 # arithmetic stays what the graph says.
 _PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 _ITEM_BYTES = {"tensor(float)": 4, "tensor(float16)": 2}
-
-
-@dataclass
-class _Sequence:
-    length: int = 0
-    kv: list[Any] = field(default_factory=list)
-    """OrtValues: past_key, past_value for each layer of the range, in order."""
 
 
 def select_providers(ort: Any, device: str) -> list[Any]:
@@ -86,7 +65,7 @@ def select_providers(ort: Any, device: str) -> list[Any]:
     return [*chosen, "CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend(PerSequenceBackend):
+class OnnxRuntimeBackend(RangeGraphBackend):
     """A layer range of an edgemesh package on onnxruntime."""
 
     name = "onnxruntime"
@@ -126,7 +105,6 @@ class OnnxRuntimeBackend(PerSequenceBackend):
         package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop
         path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
-        self._kv_shape = (1, self._kv_heads, 0, self._head_dim)
         providers = select_providers(ort, self.options.device)
         so = ort.SessionOptions()
         if self.options.threads:
@@ -171,80 +149,34 @@ class OnnxRuntimeBackend(PerSequenceBackend):
     def _free(self) -> None:
         self._session = None
 
-    def kv_bytes(self) -> int:
-        """Bytes held in the KV tensors of every live sequence, on the session's
-        device (GPU memory there, which the process RSS does not show)."""
-        with self._lock:
-            return sum(
-                math.prod(v.shape()) * _ITEM_BYTES[v.data_type()]
-                for s in self._seqs.values()
-                for v in s.kv
-            )
+    def _kv_nbytes(self, kv: Any) -> int:
+        return math.prod(kv.shape()) * _ITEM_BYTES[kv.data_type()]
 
-    # -- internals --------------------------------------------------------
+    def _kv_host(self, kv: Any) -> np.ndarray:
+        # numpy() of a CUDA OrtValue copies device to host in onnxruntime-gpu builds.
+        return kv.numpy()
 
-    def _state(self, item: SeqInput) -> _Sequence:
-        state = self._seqs.get(item.seq_id)
-        cached = 0 if state is None else state.length
-        if item.start_pos > cached:
-            # Checked before a slot is taken, so a refused call leaves nothing behind.
-            raise InferenceError(
-                f"sequence {item.seq_id} starts at position {item.start_pos} but only "
-                f"{cached} tokens are cached on layers {self.shard.layers}"
-            )
-        if state is None:
-            if len(self._seqs) >= self.max_sequences:
-                raise InferenceError(
-                    f"all {self.max_sequences} sequence slots are busy",
-                    hint="release finished sequences or raise max_sequences",
-                )
-            state = _Sequence(0, [self._empty() for _ in range(2 * len(self._layers))])
-            self._seqs[item.seq_id] = state
-        if item.start_pos < state.length:
-            # Rewind (e.g. a replayed step): keep the first start_pos cached tokens.
-            # A replay is rare, so the cut goes through the host: numpy() of a
-            # CUDA OrtValue copies device to host in onnxruntime-gpu builds.
-            state.kv = [self._value(v.numpy()[:, :, : item.start_pos].copy()) for v in state.kv]
-            state.length = item.start_pos
-        return state
-
-    def _value(self, array: np.ndarray) -> Any:
+    def _kv_device(self, array: np.ndarray) -> Any:
+        # On the CPU the OrtValue shares (and keeps alive) the array's memory.
         return self._ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
 
-    def _empty(self) -> Any:
-        """A zero-length past for a new sequence, allocated on the device
-        (nothing to copy, unlike ``_value`` of an empty array)."""
+    def _kv_empty(self, batch: int) -> Any:
+        """A zero-length past, allocated on the device (nothing to copy)."""
         return self._ort.OrtValue.ortvalue_from_shape_and_type(
-            self._kv_shape, np.float32, self._device, self._device_id
+            (batch, self._kv_heads, 0, self._head_dim), np.float32, self._device, self._device_id
         )
 
-    def _feeds(self, item: SeqInput) -> dict[str, np.ndarray]:
-        return self._range_feeds(item, self.hidden_size)
-
-    def _one(self, item: SeqInput) -> np.ndarray:
-        n = self._check_room(item, self.context_length)
-        state = self._state(item)
-        feeds = self._feeds(item)
-        try:
-            if self._io_binding:
-                outputs = self._run_bound(feeds, state)
-            else:
-                outputs = self._run_plain(feeds, state)
-        except Exception as exc:
-            raise InferenceError(
-                f"onnxruntime failed on layers {self.shard.layers} at position "
-                f"{item.start_pos}: {exc}"
-            ) from exc
-        state.length += n
-        return outputs[0]  # [n or 1, H] hidden or [rows, V] logits
-
-    def _run_bound(self, feeds: dict[str, np.ndarray], state: _Sequence) -> list[np.ndarray]:
+    def _run_graph(
+        self, feeds: dict[str, np.ndarray], past: list[Any]
+    ) -> tuple[np.ndarray, list[Any]]:
+        if not self._io_binding:
+            return self._run_plain(feeds, past)
         binding = self._session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         for j, layer in enumerate(self._layers):
-            binding.bind_ortvalue_input(f"past_key.{layer}", state.kv[2 * j])
-            binding.bind_ortvalue_input(f"past_value.{layer}", state.kv[2 * j + 1])
+            binding.bind_ortvalue_input(f"past_key.{layer}", past[2 * j])
+            binding.bind_ortvalue_input(f"past_value.{layer}", past[2 * j + 1])
         # The main output comes back to the host; presents stay on the device
         # and become the next call's pasts.
         binding.bind_output(self._out_names[0], "cpu")
@@ -252,17 +184,18 @@ class OnnxRuntimeBackend(PerSequenceBackend):
             binding.bind_output(name, self._device, self._device_id)
         self._session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        state.kv = list(values[1:])
-        return [values[0].numpy()[0]]
+        return values[0].numpy(), list(values[1:])  # [B, S|K, H|V]
 
-    def _run_plain(self, feeds: dict[str, np.ndarray], state: _Sequence) -> list[np.ndarray]:
+    def _run_plain(
+        self, feeds: dict[str, np.ndarray], past: list[Any]
+    ) -> tuple[np.ndarray, list[Any]]:
         """The unbound path (numpy in, numpy out), kept to measure the bound one against."""
+        feeds = dict(feeds)
         for j, layer in enumerate(self._layers):
-            feeds[f"past_key.{layer}"] = state.kv[2 * j].numpy()
-            feeds[f"past_value.{layer}"] = state.kv[2 * j + 1].numpy()
+            feeds[f"past_key.{layer}"] = past[2 * j].numpy()
+            feeds[f"past_value.{layer}"] = past[2 * j + 1].numpy()
         values = self._session.run(self._out_names, feeds)
-        state.kv = [self._value(v) for v in values[1:]]
-        return [values[0][0]]
+        return values[0], [self._kv_device(v) for v in values[1:]]
 
 
 BACKEND = OnnxRuntimeBackend

@@ -19,10 +19,11 @@ cache) holds OpenVINO's ``CACHE_DIR`` blobs, keyed by OpenVINO on the graph
 file and the compile options; the graph's path already carries the sha256
 of its pieces, so a changed package never hits a stale blob.
 
-KV cache: each sequence holds its layers' ``present`` tensors as
-``ov.Tensor`` objects allocated for the call that produced them (the
-request writes straight into them) and binds them as the next call's
-``past`` tensors, so nothing is copied through numpy between steps.
+KV cache: ``RangeGraphBackend`` (``backends/batching.py``) keeps the
+caches and runs all decode rows of a call as one padded batch; here each
+``present`` is an ``ov.Tensor`` allocated for the call that produces it
+(the request writes straight into it) and bound as the next call's
+``past``, so nothing is copied through numpy between steps.
 
 This module is the only place edgemesh imports ``openvino``.
 """
@@ -30,35 +31,16 @@ This module is the only place edgemesh imports ``openvino``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import (
-    PRECISIONS,
-    Capabilities,
-    PerSequenceBackend,
-    SeqInput,
-    ShardSpec,
-)
-from edgemesh.errors import (
-    BackendUnavailableError,
-    ConfigError,
-    InferenceError,
-    ShardLoadError,
-    require,
-)
+from edgemesh.backends.base import PRECISIONS, Capabilities, ShardSpec
+from edgemesh.backends.batching import RangeGraphBackend
+from edgemesh.errors import BackendUnavailableError, ConfigError, ShardLoadError, require
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Sequence:
-    length: int = 0
-    kv: list[Any] = field(default_factory=list)
-    """ov.Tensor: past_key, past_value for each layer of the range, in order."""
 
 
 def select_device(core: Any, device: str) -> str:
@@ -119,7 +101,7 @@ def compile_options(ov_props: Any, threads: int | None) -> dict[Any, Any]:
     return config
 
 
-class OpenVinoBackend(PerSequenceBackend):
+class OpenVinoBackend(RangeGraphBackend):
     """A layer range of an edgemesh package on OpenVINO (CPU, or an Intel GPU)."""
 
     name = "openvino"
@@ -191,11 +173,6 @@ class OpenVinoBackend(PerSequenceBackend):
 
     # -- introspection ----------------------------------------------------
 
-    def kv_bytes(self) -> int:
-        """Bytes held in the KV tensors of every live sequence."""
-        with self._lock:
-            return sum(int(t.byte_size) for s in self._seqs.values() for t in s.kv)
-
     def matmul_precisions(self) -> set[str]:
         """Runtime precisions of the compiled model's fully-connected kernels.
 
@@ -212,67 +189,42 @@ class OpenVinoBackend(PerSequenceBackend):
 
     # -- internals --------------------------------------------------------
 
-    def _empty_kv(self, tokens: int) -> Any:
+    def _kv_nbytes(self, kv: Any) -> int:
+        return int(kv.byte_size)
+
+    def _kv_host(self, kv: Any) -> np.ndarray:
+        return kv.data
+
+    def _kv_device(self, array: np.ndarray) -> Any:
+        return self._ov.Tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+    def _kv_empty(self, batch: int, tokens: int = 0) -> Any:
         ov = self._ov
-        return ov.Tensor(ov.Type.f32, ov.Shape([1, self._kv_heads, tokens, self._head_dim]))
+        return ov.Tensor(ov.Type.f32, ov.Shape([batch, self._kv_heads, tokens, self._head_dim]))
 
-    def _state(self, item: SeqInput) -> _Sequence:
-        state = self._seqs.get(item.seq_id)
-        if state is None:
-            if len(self._seqs) >= self.max_sequences:
-                raise InferenceError(
-                    f"all {self.max_sequences} sequence slots are busy",
-                    hint="release finished sequences or raise max_sequences",
-                )
-            state = _Sequence(0, [self._empty_kv(0) for _ in range(2 * len(self._layers))])
-            self._seqs[item.seq_id] = state
-        if item.start_pos < state.length:
-            # Rewind (e.g. a replayed step): keep the first start_pos cached tokens.
-            keep = item.start_pos
-            state.kv = [
-                self._ov.Tensor(np.ascontiguousarray(t.data[:, :, :keep])) for t in state.kv
-            ]
-            state.length = keep
-        elif item.start_pos > state.length:
-            raise InferenceError(
-                f"sequence {item.seq_id} starts at position {item.start_pos} but only "
-                f"{state.length} tokens are cached on layers {self.shard.layers}"
-            )
-        return state
-
-    def _feeds(self, item: SeqInput) -> dict[str, np.ndarray]:
-        return self._range_feeds(item, self.hidden_size)
-
-    def _one(self, item: SeqInput) -> np.ndarray:
-        n = self._check_room(item, self.context_length)
-        state = self._state(item)
-        feeds = self._feeds(item)
+    def _run_graph(
+        self, feeds: dict[str, np.ndarray], past: list[Any]
+    ) -> tuple[np.ndarray, list[Any]]:
         ov = self._ov
         req = self._request
-        try:
-            for name, array in feeds.items():
-                # OpenVINO refuses to share read-only memory (arrays from Ray's
-                # object store): those are copied, the rest shared.
-                req.set_tensor(name, ov.Tensor(array, shared_memory=array.flags.writeable))
-            presents = []
-            for j, layer in enumerate(self._layers):
-                req.set_tensor(f"past_key.{layer}", state.kv[2 * j])
-                req.set_tensor(f"past_value.{layer}", state.kv[2 * j + 1])
-                # Fresh output tensors per call: the request writes into them
-                # and they become this sequence's cache; no copy afterwards.
-                for kind in ("present_key", "present_value"):
-                    out = self._empty_kv(state.length + n)
-                    req.set_tensor(f"{kind}.{layer}", out)
-                    presents.append(f"{kind}.{layer}")
-            req.infer()
-            main = req.get_tensor(self._main_out).data[0].copy()  # [n or rows, H or V]
-            state.kv = [req.get_tensor(name) for name in presents]
-        except RuntimeError as exc:
-            raise InferenceError(
-                f"OpenVINO failed on layers {self.shard.layers} at position {item.start_pos}: {exc}"
-            ) from exc
-        state.length += n
-        return main
+        for name, array in feeds.items():
+            # OpenVINO refuses to share read-only memory (arrays from Ray's
+            # object store): those are copied, the rest shared.
+            array = np.ascontiguousarray(array)
+            req.set_tensor(name, ov.Tensor(array, shared_memory=array.flags.writeable))
+        batch, total = feeds["key_position"].shape  # [B, P + S]
+        presents = []
+        for j, layer in enumerate(self._layers):
+            req.set_tensor(f"past_key.{layer}", past[2 * j])
+            req.set_tensor(f"past_value.{layer}", past[2 * j + 1])
+            # Fresh output tensors per call: the request writes into them and
+            # they become the cache; no copy afterwards.
+            for kind in ("present_key", "present_value"):
+                req.set_tensor(f"{kind}.{layer}", self._kv_empty(batch, total))
+                presents.append(f"{kind}.{layer}")
+        req.infer()
+        main = req.get_tensor(self._main_out).data.copy()  # [B, S|K, H|V]
+        return main, [req.get_tensor(name) for name in presents]
 
 
 BACKEND = OpenVinoBackend

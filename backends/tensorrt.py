@@ -1,13 +1,17 @@
 """TensorRT backend: one engine per layer range, built from the range's ONNX graph.
 
 Written against TensorRT's native Python API (``tensorrt>=10``):
-``Builder`` + ``OnnxParser`` + one optimisation profile build a serialized
+``Builder`` + ``OnnxParser`` + two optimisation profiles build a serialized
 engine; ``Runtime.deserialize_cuda_engine`` + ``execute_async_v3`` run it.
 
-* **Dynamic shapes.** One profile covers batch ``1..MAX_BATCH`` (calls run
-  one sequence at a time, like onnxruntime), new tokens ``1..prefill_chunk``
-  and cached tokens ``0..context_length - 1``. Longer prompts are fed in
-  chunks of ``prefill_chunk`` tokens.
+* **Dynamic shapes.** Two profiles, one execution context each
+  (``set_optimization_profile_async``): *decode* covers batch
+  ``1..MAX_BATCH`` with one new token per row (the padded decode batch of
+  ``RangeGraphBackend``), *prompt* covers batch 1 with ``1..PREFILL_CHUNK``
+  new tokens; both take ``0..context_length - 1`` cached tokens. Longer
+  prompts are fed in chunks of ``PREFILL_CHUNK`` tokens (``max_new_tokens``).
+  One profile for both would size the logits for ``MAX_BATCH x
+  PREFILL_CHUNK`` rows of the 262k vocabulary.
 * **Precisions.** ``fp32``: the fp32 graph as is. ``fp16``: the fp32 graph
   with ``BuilderFlag.FP16`` (TensorRT keeps norms/softmax where it must).
   ``int8``/``int4``: the package's ``com.microsoft.MatMulNBits`` weights,
@@ -36,20 +40,13 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import (
-    PRECISIONS,
-    Capabilities,
-    PerSequenceBackend,
-    SeqInput,
-    ShardSpec,
-    nvidia_gpu_present,
-)
+from edgemesh.backends.base import PRECISIONS, Capabilities, ShardSpec, nvidia_gpu_present
+from edgemesh.backends.batching import RangeGraphBackend
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -61,10 +58,10 @@ from edgemesh.errors import (
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 4
+MAX_BATCH = 16
 PREFILL_CHUNK = 256
 WORKSPACE_BYTES = 2 << 30
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2  # 2: key_position input, decode + prompt profiles
 
 
 # -- graph preparation (runs anywhere; tested on onnxruntime) ------------------
@@ -137,13 +134,6 @@ def weight_only_graph(src: Path, dst: Path) -> Path:
 # -- the backend ------------------------------------------------------------
 
 
-@dataclass
-class _Sequence:
-    length: int = 0
-    kv: list[Any] = field(default_factory=list)
-    """torch CUDA tensors: past_key, past_value for each layer, in order."""
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -152,11 +142,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class TensorRtBackend(PerSequenceBackend):
+class TensorRtBackend(RangeGraphBackend):
     """A layer range of an edgemesh package as a TensorRT engine on one NVIDIA GPU."""
 
     name = "tensorrt"
     label = "TensorRT"
+    max_new_tokens = PREFILL_CHUNK
     module = "tensorrt"
     extra = "tensorrt"
     capabilities = Capabilities(
@@ -203,10 +194,14 @@ class TensorRtBackend(PerSequenceBackend):
         if shard.precision in ("int8", "int4"):
             graph = self._weight_only(graph, cache)
         self._engine = self._load_engine(graph, cache / "tensorrt")
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise ShardLoadError("TensorRT could not create an execution context (GPU memory?)")
         self._stream = self._torch.cuda.Stream(device=self._device)
+        self._contexts = []  # [decode, prompt]: one per optimisation profile
+        for index in range(len(self._profiles())):
+            context = self._engine.create_execution_context()
+            if context is None:
+                raise ShardLoadError("TensorRT could not create an execution context (GPU memory?)")
+            context.set_optimization_profile_async(index, self._stream.cuda_stream)
+            self._contexts.append(context)
 
     # -- engine build / cache -------------------------------------------
 
@@ -216,25 +211,31 @@ class TensorRtBackend(PerSequenceBackend):
             weight_only_graph(graph, out)
         return out
 
-    def _profile_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def _profiles(self) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+        """(min, opt, max) shapes per input: the decode profile, then the prompt one."""
         ctx, chunk, kvh, d = self.context_length, PREFILL_CHUNK, self._kv_heads, self._head_dim
-        shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
-        if self._first:
-            shapes["input_ids"] = ((1, 1), (1, 1), (MAX_BATCH, chunk))
-        else:
-            h = self.hidden_size
-            shapes["hidden_in"] = ((1, 1, h), (1, 1, h), (MAX_BATCH, chunk, h))
-        shapes["position_ids"] = ((1, 1), (1, 1), (MAX_BATCH, chunk))
-        for layer in self._layers:
-            for kind in ("past_key", "past_value"):
-                shapes[f"{kind}.{layer}"] = (
-                    (1, kvh, 0, d),
-                    (1, kvh, ctx // 2, d),
-                    (MAX_BATCH, kvh, ctx - 1, d),
-                )
-        if self._last:
-            shapes["logit_index"] = ((1,), (1,), (chunk,))
-        return shapes
+        out = []
+        for batch, seq, rows in ((MAX_BATCH, 1, 1), (1, chunk, chunk)):
+            shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+            lo, hi = (1, 1), (batch, seq)
+            if self._first:
+                shapes["input_ids"] = (lo, lo, hi)
+            else:
+                h = self.hidden_size
+                shapes["hidden_in"] = ((*lo, h), (*lo, h), (*hi, h))
+            shapes["position_ids"] = (lo, lo, hi)
+            shapes["key_position"] = ((1, 1), (1, ctx // 2), (batch, ctx))
+            for layer in self._layers:
+                for kind in ("past_key", "past_value"):
+                    shapes[f"{kind}.{layer}"] = (
+                        (1, kvh, 0, d),
+                        (1, kvh, ctx // 2, d),
+                        (batch, kvh, ctx - 1, d),
+                    )
+            if self._last:
+                shapes["logit_index"] = ((1,), (1,), (rows,))
+            out.append(shapes)
+        return out
 
     def _cache_key(self, graph: Path) -> str:
         torch = self._torch
@@ -250,7 +251,7 @@ class TensorRtBackend(PerSequenceBackend):
                 if (graph.parent / "range.json").is_file()
                 else _sha256(graph.with_name(graph.name + ".data")),
                 "precision": self.shard.precision,
-                "profile": self._profile_shapes(),
+                "profiles": self._profiles(),
             },
             sort_keys=True,
         ).encode()
@@ -291,10 +292,11 @@ class TensorRtBackend(PerSequenceBackend):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         if self.shard.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in self._profile_shapes().items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        for shapes in self._profiles():
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in shapes.items():
+                profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(profile)
         log.info("tensorrt: building layers %s at %s", self.shard.layers, self.shard.precision)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
@@ -307,115 +309,62 @@ class TensorRtBackend(PerSequenceBackend):
     # -- contract ---------------------------------------------------------
 
     def _free(self) -> None:
-        self._context = None
+        self._contexts = []
         self._engine = None
 
-    def kv_bytes(self) -> int:
-        """Device bytes held in the KV tensors of every live sequence."""
-        with self._lock:
-            return sum(t.numel() * t.element_size() for s in self._seqs.values() for t in s.kv)
+    def _kv_nbytes(self, kv: Any) -> int:
+        return int(kv.numel() * kv.element_size())
 
-    # -- internals --------------------------------------------------------
+    def _kv_host(self, kv: Any) -> np.ndarray:
+        return kv.cpu().numpy()
 
-    def _state(self, item: SeqInput) -> _Sequence:
-        torch = self._torch
-        state = self._seqs.get(item.seq_id)
-        if state is None:
-            if len(self._seqs) >= self.max_sequences:
-                raise InferenceError(
-                    f"all {self.max_sequences} sequence slots are busy",
-                    hint="release finished sequences or raise max_sequences",
-                )
-            shape = (1, self._kv_heads, 0, self._head_dim)
-            empty = [torch.empty(shape, dtype=torch.float32, device=self._device)]
-            state = _Sequence(0, empty * (2 * len(self._layers)))
-            self._seqs[item.seq_id] = state
-        if item.start_pos < state.length:
-            state.kv = [t[:, :, : item.start_pos].contiguous() for t in state.kv]
-            state.length = item.start_pos
-        elif item.start_pos > state.length:
-            raise InferenceError(
-                f"sequence {item.seq_id} starts at position {item.start_pos} but only "
-                f"{state.length} tokens are cached on layers {self.shard.layers}"
-            )
-        return state
+    def _kv_device(self, array: np.ndarray) -> Any:
+        with self._torch.cuda.stream(self._stream):
+            return self._torch.as_tensor(array).to(self._device, non_blocking=False)
 
-    def _one(self, item: SeqInput) -> np.ndarray:
-        n = self._check_room(item, self.context_length)
-        if self._first and item.tokens is None:
-            raise InferenceError(f"layers {self.shard.layers} start the model: send token ids")
-        if not self._first and item.hidden is None:
-            raise InferenceError(f"layers {self.shard.layers} take hidden states, not tokens")
-        state = self._state(item)
-        data = item.tokens if self._first else item.hidden
-        assert data is not None
-        outs = []
-        for begin in range(0, n, PREFILL_CHUNK):
-            piece = data[begin : begin + PREFILL_CHUNK]
-            last_chunk = begin + PREFILL_CHUNK >= n
-            want = item.logits == "all" or last_chunk
-            outs.append(self._run(state, piece, item.start_pos + begin, item.logits, want))
-        if self._last:
-            kept = [o for o in outs if o is not None]
-            return np.concatenate(kept) if item.logits == "all" else kept[-1]
-        return np.concatenate(outs)
+    def _kv_empty(self, batch: int) -> Any:
+        shape = (batch, self._kv_heads, 0, self._head_dim)
+        return self._torch.empty(shape, dtype=self._torch.float32, device=self._device)
 
-    def _run(
-        self, state: _Sequence, piece: np.ndarray, pos: int, logits: str, want: bool
-    ) -> np.ndarray | None:
+    def _run_graph(
+        self, feeds: dict[str, np.ndarray], past: list[Any]
+    ) -> tuple[np.ndarray, list[Any]]:
         # Everything (copies in, the engine, allocations) is queued on one stream,
         # so no cross-stream synchronisation is needed until the final host copy.
         with self._torch.cuda.stream(self._stream):
-            return self._run_on_stream(state, piece, pos, logits, want)
+            return self._run_on_stream(feeds, past)
 
     def _run_on_stream(
-        self, state: _Sequence, piece: np.ndarray, pos: int, logits: str, want: bool
-    ) -> np.ndarray | None:
-        torch, ctx = self._torch, self._context
-        n = int(piece.shape[0])
-        dev = self._device
-        inputs: dict[str, Any] = {}
-        if self._first:
-            inputs["input_ids"] = torch.as_tensor(np.asarray(piece, np.int64)[None]).to(dev)
-        else:
-            hidden = np.asarray(piece, np.float32)
-            if hidden.shape != (n, self.hidden_size):
-                raise InferenceError(
-                    f"hidden states of shape {hidden.shape}; layers {self.shard.layers} "
-                    f"take [{n}, {self.hidden_size}]"
-                )
-            inputs["hidden_in"] = torch.as_tensor(hidden[None]).to(dev)
-        inputs["position_ids"] = torch.arange(pos, pos + n, dtype=torch.int64, device=dev)[None]
-        if self._last:
-            rows = torch.arange(n) if logits == "all" else torch.tensor([n - 1])
-            inputs["logit_index"] = rows.to(dtype=torch.int64, device=dev)
-        for j, layer in enumerate(self._layers):
-            inputs[f"past_key.{layer}"] = state.kv[2 * j]
-            inputs[f"past_value.{layer}"] = state.kv[2 * j + 1]
-        try:
-            for name, tensor in inputs.items():
-                ctx.set_input_shape(name, tuple(tensor.shape))
-                ctx.set_tensor_address(name, tensor.data_ptr())
-            outputs: dict[str, Any] = {}
-            names = ["logits" if self._last else "hidden_out"]
-            for layer in self._layers:
-                names += [f"present_key.{layer}", f"present_value.{layer}"]
-            for name in names:
-                shape = tuple(ctx.get_tensor_shape(name))
-                outputs[name] = torch.empty(shape, dtype=torch.float32, device=dev)
-                ctx.set_tensor_address(name, outputs[name].data_ptr())
-            if not ctx.execute_async_v3(self._stream.cuda_stream):
-                raise InferenceError("TensorRT's execute_async_v3 returned false")
-            self._stream.synchronize()
-        except (RuntimeError, TypeError) as exc:
+        self, feeds: dict[str, np.ndarray], past: list[Any]
+    ) -> tuple[np.ndarray, list[Any]]:
+        torch, dev = self._torch, self._device
+        batch, seq = feeds["position_ids"].shape
+        if batch > MAX_BATCH:
             raise InferenceError(
-                f"TensorRT failed on layers {self.shard.layers} at position {pos}: {exc}"
-            ) from exc
-        state.kv = [outputs[name] for name in names[1:]]
-        state.length = pos + n
-        if self._last and not want:
-            return None
-        return outputs[names[0]][0].cpu().numpy()  # [n, H] or [rows, V]
+                f"TensorRT's decode profile takes {MAX_BATCH} sequences; got {batch}",
+                hint=f"run at most {MAX_BATCH} sequences per box (max_sequences)",
+            )
+        ctx = self._contexts[0 if seq == 1 else 1]
+        inputs: dict[str, Any] = {n: torch.as_tensor(a).to(dev) for n, a in feeds.items()}
+        for j, layer in enumerate(self._layers):
+            inputs[f"past_key.{layer}"] = past[2 * j]
+            inputs[f"past_value.{layer}"] = past[2 * j + 1]
+        for name, tensor in inputs.items():
+            ctx.set_input_shape(name, tuple(tensor.shape))
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        outputs: dict[str, Any] = {}
+        names = ["logits" if self._last else "hidden_out"]
+        for layer in self._layers:
+            names += [f"present_key.{layer}", f"present_value.{layer}"]
+        for name in names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device=dev)
+            ctx.set_tensor_address(name, outputs[name].data_ptr())
+        if not ctx.execute_async_v3(self._stream.cuda_stream):
+            raise InferenceError("TensorRT's execute_async_v3 returned false")
+        self._stream.synchronize()
+        main = outputs[names[0]].cpu().numpy()  # [B, S|K, H|V]
+        return main, [outputs[name] for name in names[1:]]
 
 
 BACKEND = TensorRtBackend

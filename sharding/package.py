@@ -16,12 +16,15 @@ tensors renamed to one chain, and their weight files concatenated into one
 on disk under a key made of the pieces' sha256s, so a re-cut composes once
 in seconds and a repeated load is a cache hit.
 
-Range graph I/O (B=1 per call in the bundled backend; any B works):
+Range graph I/O (B sequences of one padded batch; the backends send B > 1
+for decode steps, see ``backends/batching.py``):
 
 * inputs: ``input_ids [B,S]`` int64 (first range) or ``hidden_in [B,S,H]``;
-  ``position_ids [B,S]`` int64; ``past_key.<i>``/``past_value.<i>``
-  ``[B,KV,P,D]`` for each layer i of the range; ``logit_index [K]`` int64
-  (last range: which of the S rows get logits).
+  ``position_ids [B,S]`` int64; ``key_position [B,P+S]`` int64, the
+  sequence position each KV slot of a row holds (past slots then the new
+  ones), ``-1`` for an empty slot (padding); ``past_key.<i>``/
+  ``past_value.<i>`` ``[B,KV,P,D]`` for each layer i of the range;
+  ``logit_index [K]`` int64 (last range: which of the S rows get logits).
 * outputs: ``logits [B,K,V]`` (last range) or ``hidden_out [B,S,H]``;
   ``present_key.<i>``/``present_value.<i>`` ``[B,KV,P+S,D]``.
 """
@@ -45,7 +48,8 @@ from edgemesh.sharding.range_cache import RANGE_CACHE_BYTES, mark_used, prune
 
 log = logging.getLogger(__name__)
 
-COMPOSE_VERSION = 1
+COMPOSE_VERSION = 2
+"""2: attention masks from ``key_position`` (padded batches), not from the prologue."""
 PROLOGUE = "prologue.onnx"
 _ALIGN = 4096
 
@@ -258,7 +262,11 @@ class Package:
                 for op in piece.opset_import:
                     opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
                 if kind == "prologue":
-                    ren = {"past_key": f"past_key.{start}"}
+                    # Its masks assume one contiguous cache per row; the range's masks
+                    # come from key_position instead (_mask_nodes), so these are pruned.
+                    ren = {"past_key": f"past_key.{start}"} | {
+                        f"mask.{t}": f"prologue.unused_mask.{t}" for t in set(types)
+                    }
                 elif kind == "embed":
                     ren = {"hidden": hidden(0)}
                 elif kind == "head":
@@ -294,8 +302,14 @@ class Package:
                     base += data_file.stat().st_size
                 inits.extend(piece.graph.initializer)
 
+        mask_nodes, mask_inits, key_position = _mask_nodes(
+            helper, sorted(set(types[start:stop])), self.manifest.extra.get("sliding_window")
+        )
+        nodes = mask_nodes + nodes  # graph inputs only: first, for topological order
+        inits += mask_inits
+        values["key_position"] = key_position
         first_in = "input_ids" if start == 0 else "hidden_in"
-        in_names = [first_in, "position_ids"]
+        in_names = [first_in, "position_ids", "key_position"]
         out_names = ["logits" if stop == last else "hidden_out"]
         for i in range(start, stop):
             in_names += [f"past_key.{i}", f"past_value.{i}"]
@@ -322,6 +336,57 @@ class Package:
             "files": {n: (out / n).stat().st_size for n in ("range.onnx", "range.onnx.data")},
         }
         (out / "range.json").write_text(json.dumps(meta, indent=1))
+
+
+SLIDING = "sliding_attention"
+
+
+def _mask_nodes(helper: Any, kinds: list[str], window: int | None) -> tuple[list, list, Any]:
+    """Additive attention masks ``mask.<kind> [B,1,S,T]`` from ``position_ids
+    [B,S]`` and ``key_position [B,T]``: a query sees a slot that holds an
+    earlier-or-equal position of its own row (and, on sliding layers, one
+    less than ``window`` back); empty slots (-1) are hidden. Same values as
+    the prologue's masks (0 or float32's lowest), so a B=1 call is unchanged.
+    Returns (nodes, initializers, the key_position input's value info)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    p = "mask_from_positions"
+    consts = {
+        f"{p}/axis1": np.array([1], np.int64),
+        f"{p}/axis2": np.array([2], np.int64),
+        f"{p}/zero": np.array(0, np.int64),
+        f"{p}/open": np.array(0.0, np.float32),
+        f"{p}/shut": np.array(np.finfo(np.float32).min, np.float32),
+    }
+    if window:
+        consts[f"{p}/window"] = np.array(int(window), np.int64)
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    node = helper.make_node
+    nodes = [
+        node("Unsqueeze", ["position_ids", f"{p}/axis2"], [f"{p}/q"], name=f"{p}/q"),  # [B,S,1]
+        node("Unsqueeze", ["key_position", f"{p}/axis1"], [f"{p}/k"], name=f"{p}/k"),  # [B,1,T]
+        node("LessOrEqual", [f"{p}/k", f"{p}/q"], [f"{p}/causal"], name=f"{p}/causal"),
+        node("GreaterOrEqual", [f"{p}/k", f"{p}/zero"], [f"{p}/filled"], name=f"{p}/filled"),
+        node("And", [f"{p}/causal", f"{p}/filled"], [f"{p}/full"], name=f"{p}/full"),  # [B,S,T]
+    ]
+    for kind in kinds:
+        allowed = f"{p}/full"
+        if kind == SLIDING and window:
+            nodes += [
+                node("Sub", [f"{p}/q", f"{p}/k"], [f"{p}/back"], name=f"{p}/back"),
+                node("Less", [f"{p}/back", f"{p}/window"], [f"{p}/near"], name=f"{p}/near"),
+                node("And", [f"{p}/full", f"{p}/near"], [f"{p}/slide"], name=f"{p}/slide"),
+            ]
+            allowed = f"{p}/slide"
+        nodes += [
+            node("Where", [allowed, f"{p}/open", f"{p}/shut"], [f"{p}/bias.{kind}"],
+                 name=f"{p}/bias.{kind}"),
+            node("Unsqueeze", [f"{p}/bias.{kind}", f"{p}/axis1"], [f"mask.{kind}"],
+                 name=f"{p}/mask.{kind}"),
+        ]  # fmt: skip
+    info = helper.make_tensor_value_info("key_position", TensorProto.INT64, ["batch", "total"])
+    return nodes, inits, info
 
 
 def _relocate(init: Any, location: str, base: int) -> None:

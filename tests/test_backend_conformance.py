@@ -294,3 +294,90 @@ def test_missing_model_raises_typed_error(subject: Subject, tmp_path: Path) -> N
     spec = ShardSpec(missing, LayerRange(0, subject.num_layers), subject.num_layers)
     with pytest.raises(ModelNotFoundError):
         subject.cls(spec, BackendOptions(threads=1, cache_dir=tmp_path))
+
+
+def _greedy_alone(subject: Subject, prompt: np.ndarray, steps: int) -> tuple[list[int], list]:
+    """One sequence on its own: prefill, then ``steps`` single decodes (greedy)."""
+    with subject.open() as backend:
+        logits = backend.forward([SeqInput(0, 0, tokens=prompt)])[0]
+        tokens, rows = [int(np.argmax(logits[-1]))], [logits[-1]]
+        for k in range(steps - 1):
+            step = np.array([tokens[-1]], np.int64)
+            logits = backend.forward([SeqInput(0, len(prompt) + k, tokens=step)])[0]
+            tokens.append(int(np.argmax(logits[-1])))
+            rows.append(logits[-1])
+    return tokens, rows
+
+
+def test_batched_decode_matches_one_by_one(subject: Subject) -> None:
+    """Sequences of different lengths decoded together (joining and leaving
+    mid-batch, prompts mixed with decode rows in one call) give the greedy
+    tokens of the same sequences run one by one; a step of decode rows only
+    is one run of the model, not one per sequence."""
+    prompts = {1: _ids(3, 11), 2: _ids(9, 12), 3: _ids(5, 13), 4: _ids(12, 14), 5: _ids(2, 15)}
+    # (sequence, step it joins, decode steps it runs); 2 leaves early, 4 and 5 join late.
+    plan = {1: (0, 7), 2: (0, 3), 3: (2, 5), 4: (4, 4), 5: (5, 3)}
+    got: dict[int, list[int]] = {s: [] for s in plan}
+    rows: dict[int, list[np.ndarray]] = {s: [] for s in plan}
+    runs_of_decode_only_steps = []
+    with subject.open(max_sequences=5) as backend:
+        for step in range(10):
+            items, prompts_in_call = [], 0
+            for sid, (joins, length) in plan.items():
+                if step < joins or len(got[sid]) >= length:
+                    continue
+                if step == joins:
+                    items.append(SeqInput(sid, 0, tokens=prompts[sid]))
+                    prompts_in_call += 1
+                else:
+                    pos = len(prompts[sid]) + len(got[sid]) - 1
+                    items.append(SeqInput(sid, pos, tokens=np.array([got[sid][-1]], np.int64)))
+            if not items:
+                break
+            before = getattr(backend, "graph_runs", None)
+            outs = backend.forward(items)
+            if before is not None and prompts_in_call == 0 and len(items) > 1:
+                runs_of_decode_only_steps.append(backend.graph_runs - before)
+            for item, logits in zip(items, outs, strict=True):
+                assert logits.shape == (1, logits.shape[1])
+                got[item.seq_id].append(int(np.argmax(logits[-1])))
+                rows[item.seq_id].append(logits[-1])
+                if len(got[item.seq_id]) == plan[item.seq_id][1]:
+                    backend.release(item.seq_id)  # leaves mid-batch
+    for sid, (_, length) in plan.items():
+        alone, alone_rows = _greedy_alone(subject, prompts[sid], length)
+        assert got[sid] == alone, f"sequence {sid}: batched {got[sid]} != alone {alone}"
+        if subject.precision == "fp32":
+            scale = float(np.abs(np.stack(alone_rows)).max())
+            np.testing.assert_allclose(np.stack(rows[sid]), np.stack(alone_rows),
+                                       atol=1e-4 * scale, rtol=0)  # fmt: skip
+    assert runs_of_decode_only_steps, "the plan has steps of decode rows only"
+    assert all(n == 1 for n in runs_of_decode_only_steps), runs_of_decode_only_steps
+
+
+def test_batched_decode_through_two_shards(subject: Subject) -> None:
+    """Hidden states of a batch cross a cut: [0, k) + [k, n) batched equals the
+    whole model batched, rows in a different order on the second shard."""
+    if not subject.caps.partial_ranges:
+        pytest.skip(f"{subject.cls.name} runs whole models only (Capabilities.partial_ranges)")
+    cut = subject.num_layers // 2
+    prompts = [_ids(4, 21), _ids(7, 22), _ids(2, 23)]
+    with subject.open() as whole, subject.open(0, cut) as a, subject.open(cut) as b:
+
+        def both(items: list[SeqInput]) -> tuple[list, list]:
+            ref = whole.forward(items)
+            hidden = a.forward(items)
+            mid = [
+                SeqInput(i.seq_id, i.start_pos, hidden=h)
+                for i, h in zip(items, hidden, strict=True)
+            ]
+            return ref, b.forward(mid[::-1])[::-1]
+
+        ref, split = both([SeqInput(s, 0, tokens=p) for s, p in enumerate(prompts)])
+        for _ in range(3):
+            items = [SeqInput(s, len(prompts[s]) + _, tokens=np.array([int(np.argmax(r[-1]))]))
+                     for s, r in enumerate(ref)]  # fmt: skip
+            ref, split = both(items)
+            for r, s in zip(ref, split, strict=True):
+                assert int(np.argmax(r[-1])) == int(np.argmax(s[-1]))
+                np.testing.assert_allclose(s, r, atol=SPLIT_TOL * float(np.abs(r).max()), rtol=0)

@@ -28,6 +28,7 @@ def _feeds(layers: int, n: int) -> dict[str, np.ndarray]:
     feeds = {
         "input_ids": np.arange(5, 5 + n, dtype=np.int64)[None],
         "position_ids": np.arange(n, dtype=np.int64)[None],
+        "key_position": np.arange(n, dtype=np.int64)[None],
         "logit_index": np.arange(n, dtype=np.int64),
     }
     for i in range(layers):
