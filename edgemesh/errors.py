@@ -22,7 +22,9 @@
     └── RequestError                a client request that cannot be served
         ├── ContextOverflowError    prompt + max_tokens exceed the context
         ├── OverloadedError         the queue is full; retry later
-        └── ModelUnavailableError   no boxes left that can hold the model (503)
+        ├── ModelUnavailableError   no boxes left that can hold the model (503)
+        ├── NotFoundError           no such box, model, package or job (404)
+        └── ConflictError           the action clashes with the current state (409)
 
 Third-party exceptions are translated at the boundary with
 ``raise ... from exc`` so the cause is never hidden.
@@ -175,3 +177,16 @@ class ModelUnavailableError(RequestError):
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, code="model_unavailable")
         self.hint = hint
+
+
+class NotFoundError(RequestError):
+    """A management request names a box, model, package or job that does not exist (404)."""
+
+    status = 404
+
+
+class ConflictError(RequestError):
+    """A management action that clashes with what runs now: a model name
+    already served, drain on a single box, an action already running (409)."""
+
+    status = 409

@@ -1,12 +1,15 @@
-"""The web dashboard: boxes, the shard map and live performance.
+"""The web dashboard: devices, models, monitoring and events of a site.
 
-``GET /dashboard`` is a static page that polls ``GET /dashboard/state``.
-The page computes rates (tokens/s) from successive counter snapshots, so the
-server only reports what it counted and nothing here is an estimate.
+``GET /dashboard`` is a static page (``dashboard.html`` with
+``dashboard.js``/``dashboard.css`` under ``/dashboard/static/``) built only
+on the management API (``/api/...``, docs/API.md): whatever the page shows
+or does, a script can too. The page and its static files carry no data, so
+they are open; every ``/api`` call needs the API key when one is set, and
+the page asks for it on the first 401.
 
-Where the box list comes from depends on who serves the gateway: a single
-box reports its own fingerprint; the mesh gateway passes a provider that
-reads the mesh's membership.
+``GET /dashboard/state`` stays for scripts written against the first
+dashboard: the boxes (from the manager unless a provider is given) and the
+models with their counters.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from edgemesh import __version__
+from edgemesh.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
 BoxesProvider = Callable[[], list[dict[str, Any]]]
+_STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
 @functools.cache
@@ -54,21 +59,34 @@ def local_boxes() -> list[dict[str, Any]]:
 
 
 @functools.cache
-def _page() -> str:
-    return resources.files("edgemesh.gateway").joinpath("dashboard.html").read_text()
+def _file(name: str) -> str:
+    return resources.files("edgemesh.gateway").joinpath(name).read_text()
 
 
 def install(app: FastAPI, boxes: BoxesProvider | None = None) -> None:
-    provider = boxes or local_boxes
+    def provider() -> list[dict[str, Any]]:
+        if boxes is not None:
+            return boxes()
+        return app.state.manager.boxes()["boxes"]
 
     @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:
-        return HTMLResponse(_page())
+        return HTMLResponse(_file("dashboard.html"))
+
+    @app.get("/dashboard/static/{name}")
+    async def static(name: str) -> Response:
+        if name not in _STATIC:
+            raise NotFoundError(f"no static file '{name}'", code="not_found")
+        return Response(
+            _file(name), media_type=_STATIC[name], headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get("/dashboard/state")
     async def state() -> dict[str, Any]:
+        from starlette.concurrency import run_in_threadpool
+
         try:
-            box_list = provider()
+            box_list = await run_in_threadpool(provider)
             box_error = None
         except Exception as exc:  # shown on the page: a broken provider must not break it
             log.warning("the dashboard could not list the boxes: %s", exc)
