@@ -8,6 +8,8 @@ does; a template from the model or from ``--chat-template`` always wins.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 _GEMMA = (
     "{{ bos_token }}"
     "{% for m in messages %}"
@@ -54,3 +56,33 @@ FALLBACKS: dict[str, str] = {
 def fallback_for(architecture: str) -> str:
     """The family's turn format; ChatML for families we do not know."""
     return FALLBACKS.get(architecture.lower(), _CHATML)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a model writes one tool call: ``start`` + JSON + ``end``."""
+
+    start: str
+    end: str
+    arguments_key: str = "arguments"
+
+
+HERMES = ToolFormat("<tool_call>\n", "\n</tool_call>")
+"""Qwen 2.5/3, Hermes and most templates with tools; also edgemesh's fallback."""
+LLAMA3_JSON = ToolFormat("", "", "parameters")
+"""Llama 3.1+'s JSON tool calls (``{"name": ..., "parameters": ...}``)."""
+
+
+def knows_tools(template: str | None) -> bool:
+    """Whether the template renders a ``tools`` list itself."""
+    return bool(template) and "tools" in template  # type: ignore[operator]
+
+
+def tool_format(template: str | None) -> ToolFormat:
+    """The call syntax the model's template teaches; Hermes where it teaches none."""
+    if template and knows_tools(template):
+        if "<tool_call>" in template:
+            return HERMES
+        if "<|python_tag|>" in template or '"parameters"' in template:
+            return LLAMA3_JSON
+    return HERMES

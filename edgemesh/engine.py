@@ -25,6 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from edgemesh.errors import (
     InferenceError,
     OverloadedError,
 )
-from edgemesh.pipeline import Pick, Pipeline
+from edgemesh.pipeline import Pick, Picked, Pipeline
 from edgemesh.sampling import SamplingParams
 from edgemesh.tokenizer import StreamDecoder, Tokenizer
 
@@ -50,6 +51,25 @@ class Event:
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: EdgemeshError | None = None
+    logprob: float | None = None
+    """log p of ``token_id`` (when the request asked for logprobs)."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely (token id, logprob) at this step, best first."""
+    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+    """``echo``: per prompt token (logprob, top), the first token's logprob None;
+    set on the first event only."""
+
+
+class Constraint(Protocol):
+    """An output grammar driven token by token (``edgemesh.grammar``)."""
+
+    def mask(self) -> np.ndarray:
+        """Packed uint32 bitmask of the tokens allowed next."""
+        ...
+
+    def advance(self, token: int) -> bool:
+        """Accept ``token``; True when the grammar is complete (stop here)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,10 @@ class EngineConfig:
     """Requests waiting for a slot; beyond it submit() raises OverloadedError."""
     prefill_chunk: int = 256
     """Prompt tokens fed per step, so long prompts do not stall other streams."""
+    prefill_budget: int = 128
+    """Prompt tokens fed per step across all prefilling sequences, first come first
+    served (decode rows always go): new prompts cost the running streams at most
+    this much prefill per token they wait for, and arrive one after another."""
 
 
 @dataclass
@@ -79,7 +103,18 @@ class _Sequence:
     """Decoded but not yet emitted (held back while it may start a stop string)."""
     cancelled: bool = False
     in_flight: bool = False
+    chunk: int = 0
+    """Tokens to feed in the step being launched (the prefill budget's share)."""
     started: float = field(default_factory=time.monotonic)
+    constraint: Constraint | None = None
+    echo: bool = False
+    """Score the prompt (logprobs of every prompt token, for ``echo``)."""
+    prompt_scores: list[tuple[float | None, tuple[tuple[int, float], ...]]] = field(
+        default_factory=list
+    )
+    prompt_sent: bool = False
+    last: Picked | None = None
+    """The newest token's pick, until an event carries it."""
 
     @property
     def pending_tokens(self) -> list[int]:
@@ -170,8 +205,19 @@ class Engine:
 
     # -- public API -------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
-        """Queue a request. Raises ContextOverflowError or OverloadedError."""
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        constraint: Constraint | None = None,
+        echo: bool = False,
+    ) -> Generation:
+        """Queue a request. Raises ContextOverflowError or OverloadedError.
+
+        ``constraint`` masks every step's logits to an output grammar;
+        ``echo`` scores the prompt (its logprobs arrive on the first event),
+        and with ``params.max_tokens == 0`` nothing is generated."""
         if not prompt:
             raise ContextOverflowError("the prompt is empty", param="prompt")
         if len(prompt) + params.max_tokens > self.config.context_length:
@@ -188,7 +234,11 @@ class Engine:
             sink=_Sink(),
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             decoder=self.tokenizer.stream_decoder(),
+            constraint=constraint,
+            echo=echo,
         )
+        if echo:
+            seq.prompt_scores.append((None, ()))
         with self._cond:
             if self._stopped:
                 raise OverloadedError("the engine is shutting down", retry_after_s=5.0)
@@ -209,6 +259,12 @@ class Engine:
         with self._cond:
             return {"active": len(self._active), "waiting": len(self._waiting)}
 
+    def kv_used_ratio(self) -> float:
+        """KV cache positions the live sequences hold / (max_sequences x context)."""
+        with self._cond:
+            held = sum(s.fed for s in self._active.values())
+        return held / float(self.config.max_sequences * self.config.context_length)
+
     def close(self) -> None:
         with self._cond:
             self._stopped = True
@@ -228,10 +284,10 @@ class Engine:
             self._cond.notify()
 
     def _run(self) -> None:
-        in_flight: dict[cf.Future[list[int | None]], tuple[list[_Sequence], list, float]] = {}
-        done: deque[cf.Future[list[int | None]]] = deque()
+        in_flight: dict[cf.Future[list[Picked | None]], tuple[list[_Sequence], list, float]] = {}
+        done: deque[cf.Future[list[Picked | None]]] = deque()
 
-        def on_done(future: cf.Future[list[int | None]]) -> None:
+        def on_done(future: cf.Future[list[Picked | None]]) -> None:
             with self._cond:
                 done.append(future)
                 self._cond.notify()
@@ -249,7 +305,7 @@ class Engine:
                 while self._waiting and len(self._active) < self.config.max_sequences:
                     seq = self._waiting.popleft()
                     self._active[seq.seq_id] = seq
-                ready = [s for s in self._active.values() if not s.in_flight]
+                ready = self._budgeted([s for s in self._active.values() if not s.in_flight])
                 size = math.ceil(len(self._active) / depth) if ready else 0
                 batches = []
                 while ready and len(in_flight) + len(batches) < depth:
@@ -281,31 +337,64 @@ class Engine:
         for seq in [s for s in self._active.values() if s.cancelled and not s.in_flight]:
             self._finish(seq, "cancelled", lock=False)
 
+    def _budgeted(self, ready: list[_Sequence]) -> list[_Sequence]:
+        """``ready`` less the prompts the step's prefill budget has no room for;
+        sets each kept sequence's ``chunk``. Admission order is kept, so the
+        oldest prompt is fed first and always gets some of the budget."""
+        budget = max(1, self.config.prefill_budget)
+        kept = []
+        for seq in ready:
+            pending = len(seq.pending_tokens)
+            if pending > 1:
+                if budget <= 0:
+                    continue
+                pending = min(pending, self.config.prefill_chunk, budget)
+                budget -= pending
+            seq.chunk = pending
+            kept.append(seq)
+        return kept
+
     def _inputs(self, batch: list[_Sequence]) -> list[SeqInput]:
         return [
             SeqInput(
                 seq.seq_id,
                 seq.fed,
-                tokens=np.asarray(seq.pending_tokens[: self.config.prefill_chunk], np.int64),
+                tokens=np.asarray(seq.pending_tokens[: seq.chunk], np.int64),
+                logits="all" if seq.echo and seq.fed < len(seq.prompt) else "last",
             )
             for seq in batch
         ]
 
     def _pick(self, seq: _Sequence, inp: SeqInput) -> Pick | None:
-        if inp.length < len(seq.pending_tokens):
+        last_chunk = inp.length >= len(seq.pending_tokens)
+        score = None
+        if seq.echo and seq.fed < len(seq.prompt):
+            # Row i predicts the prompt token after it; the last prompt row predicts
+            # the first generated token, which is sampled, not scored.
+            score = np.asarray(seq.prompt[seq.fed + 1 : seq.fed + inp.length + 1], np.int64)
+        sample = last_chunk and seq.params.max_tokens > 0
+        if not sample and score is None:
             return None  # a chunk of a long prompt: no token to choose yet
         penalties = seq.params.presence_penalty or seq.params.frequency_penalty
-        return Pick(seq.params, seq.seed, len(seq.generated), dict(seq.counts) if penalties else {})
+        return Pick(
+            seq.params,
+            seq.seed,
+            len(seq.generated),
+            dict(seq.counts) if penalties else {},
+            allowed=seq.constraint.mask() if seq.constraint is not None and sample else None,
+            score=score,
+            sample=sample,
+        )
 
     def _complete(
         self,
         batch: list[_Sequence],
         inputs: list[SeqInput],
         started: float,
-        future: cf.Future[list[int | None]],
+        future: cf.Future[list[Picked | None]],
     ) -> None:
         try:
-            tokens = future.result()
+            picks = future.result()
         except EdgemeshError as exc:
             log.error("a micro-batch of %d sequences failed: %s", len(batch), exc)
             for seq in batch:
@@ -320,16 +409,22 @@ class Engine:
                 self._finish(seq, "error", error)
             return
         self.stats.record_step(len(batch), time.perf_counter() - started)
-        for seq, inp, token in zip(batch, inputs, tokens, strict=True):
+        for seq, inp, picked in zip(batch, inputs, picks, strict=True):
             seq.in_flight = False
             seq.fed += inp.length
+            if picked is not None:
+                seq.prompt_scores.extend(picked.scored)
             if seq.cancelled:
                 self._finish(seq, "cancelled")
-            elif token is not None:
-                self._advance(seq, token)
+            elif picked is not None and picked.token is not None:
+                self._advance(seq, picked)
+            elif seq.params.max_tokens == 0 and seq.fed >= len(seq.prompt):
+                self._finish(seq, "length")  # echo only: the prompt is scored
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, picked: Picked) -> None:
         params = seq.params
+        token = int(picked.token)  # type: ignore[arg-type]
+        seq.last = picked
         seq.generated.append(token)
         seq.counts[token] += 1
         self.stats.tokens += 1
@@ -339,6 +434,10 @@ class Engine:
         seq.text += seq.decoder.feed(token)
         if params.stop and self._hit_stop(seq):
             return
+        if seq.constraint is not None and seq.constraint.advance(token):
+            seq.text += seq.decoder.flush()
+            self._finish(seq, "stop")  # the grammar is complete
+            return
         out_of_room = len(seq.prompt) + len(seq.generated) >= self.config.context_length
         if len(seq.generated) >= params.max_tokens or out_of_room:
             seq.text += seq.decoder.flush()
@@ -347,7 +446,7 @@ class Engine:
         emit = _safe_prefix(seq.text, params.stop)
         if emit:
             seq.text = seq.text[len(emit) :]
-        seq.sink.put(Event(token, emit))
+        seq.sink.put(self._event(seq, token, emit))
 
     def _hit_stop(self, seq: _Sequence) -> bool:
         cut = min((i for s in seq.params.stop if (i := seq.text.find(s)) >= 0), default=-1)
@@ -370,8 +469,33 @@ class Engine:
         except EdgemeshError as exc:  # a vanished box cannot free its cache; nothing to lose
             log.warning("release of sequence %d failed: %s", seq.seq_id, exc)
         last = seq.generated[-1] if seq.generated and reason != "cancelled" else None
-        seq.sink.put(Event(last, seq.text if reason != "cancelled" else "", reason, error))
+        text = seq.text if reason != "cancelled" else ""
+        seq.sink.put(self._event(seq, last, text, reason, error))
         seq.text = ""
+
+    def _event(
+        self,
+        seq: _Sequence,
+        token: int | None,
+        text: str,
+        reason: str | None = None,
+        error: EdgemeshError | None = None,
+    ) -> Event:
+        """An event carrying the newest pick's logprobs once, and on the first
+        event the prompt's scores (echo)."""
+        picked, seq.last = seq.last, None
+        prompt = None
+        if seq.echo and not seq.prompt_sent:
+            prompt, seq.prompt_sent = tuple(seq.prompt_scores), True
+        return Event(
+            token,
+            text,
+            reason,
+            error,
+            logprob=picked.logprob if picked is not None else None,
+            top=picked.top if picked is not None else (),
+            prompt_logprobs=prompt,
+        )
 
 
 def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:

@@ -88,7 +88,14 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
         "layers": layers,
         "stages": [{"box": "local", "layers": [0, layers], "backend": backend_cls.name}],
     }
-    return ModelService(name=source.name, engine=engine, tokenizer=tokenizer, info=info)
+    from edgemesh.gateway.embeddings import GgufEmbedder
+
+    def embedder() -> GgufEmbedder:
+        return GgufEmbedder(source.path, threads=options.threads, context_length=context)
+
+    return ModelService(
+        name=source.name, engine=engine, tokenizer=tokenizer, info=info, embedder_factory=embedder
+    )
 
 
 def load_package_service(source: ModelSource, options: LocalOptions) -> ModelService:

@@ -1,4 +1,5 @@
-"""Token sampling, outside the model: greedy, temperature, top-k, top-p, penalties.
+"""Token sampling, outside the model: greedy, temperature, top-k, top-p, penalties,
+logit bias, grammar masks and log-probabilities.
 
 Works on one sequence's logits ``[V]`` (float32). Exact: top-p first looks
 at the 1,024 most likely tokens and falls back to a full sort only when
@@ -16,6 +17,7 @@ import numpy as np
 from edgemesh.errors import RequestError
 
 _CANDIDATES = 1024
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,16 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), OpenAI's ``logit_bias`` (-100..100)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: the chosen token's and the k most likely."""
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise RequestError("max_tokens must be at least 1", param="max_tokens")
+        if self.max_tokens < 0:
+            # 0 is only useful with echo: score the prompt, generate nothing.
+            raise RequestError("max_tokens must not be negative", param="max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
             raise RequestError("temperature must be between 0 and 2", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -44,6 +51,12 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise RequestError(f"{name} must be between -2 and 2", param=name)
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise RequestError("logit_bias values must be between -100 and 100", param="logit_bias")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -104,3 +117,47 @@ def _softmax_full_mass(scaled: np.ndarray, ids: np.ndarray) -> np.ndarray:
     top = scaled.max()
     z = np.exp(scaled - top).sum()
     return np.exp(scaled[ids] - top) / z
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """``logits`` ``[V]`` plus OpenAI's per-token bias (copy on write); ids past V are ignored."""
+    if not bias:
+        return logits
+    out = logits.copy()
+    vocab = out.shape[0]
+    for token, value in bias:
+        if 0 <= token < vocab:
+            out[token] += np.float32(value)
+    return out
+
+
+def apply_mask(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Tokens outside the packed bitmask ``allowed`` (uint32 ``[ceil(V'/32)]``,
+    bit i of word w = token 32w+i) get -inf; logits past ``32 * len(allowed)``
+    (a model head wider than its tokenizer) are never allowed."""
+    if allowed is None:
+        return logits
+    bits = np.unpackbits(np.ascontiguousarray(allowed).view(np.uint8), bitorder="little")
+    vocab = logits.shape[0]
+    keep = np.zeros(vocab, dtype=bool)
+    n = min(vocab, bits.shape[0])
+    keep[:n] = bits[:n].astype(bool)
+    if not keep.any():
+        raise RequestError("the output grammar allows no token here", code="grammar_dead_end")
+    return np.where(keep, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+
+def logprobs_of(
+    logits: np.ndarray, token: int, top: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """log p(token) under softmax(``logits`` ``[V]``) and the ``top`` most likely (id, log p)."""
+    x = logits.astype(np.float32, copy=False)
+    peak = x.max()
+    lse = float(peak + np.log(np.exp(x - peak).sum(dtype=np.float64)))
+    chosen = float(x[token]) - lse
+    if top <= 0:
+        return chosen, ()
+    k = min(top, x.shape[0])
+    ids = np.argpartition(x, -k)[-k:]
+    ids = ids[np.argsort(-x[ids], kind="stable")]
+    return chosen, tuple((int(i), float(x[i]) - lse) for i in ids if np.isfinite(x[i]))

@@ -42,22 +42,41 @@ class Tokenizer(ABC):
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> str:
-        """Render OpenAI-style messages with the model's chat template."""
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        """Render OpenAI-style messages (and ``tools``, for templates that take
+        them) with the model's chat template."""
         if not self.chat_template:
             raise RequestError(
                 "this model has no chat template; use /v1/completions", code="no_chat_template"
             )
+        from jinja2 import TemplateError
+
         template = _compile(self.chat_template)
+        try:
+            return self._render(template, messages, tools)
+        except (TemplateError, TypeError, KeyError, AttributeError) as exc:
+            # A template that trips over a message's shape is the request's fault.
+            raise RequestError(
+                f"the chat template cannot render these messages: {exc}", param="messages"
+            ) from exc
+
+    def _render(
+        self, template: Any, messages: Sequence[dict[str, Any]], tools: Any
+    ) -> str:
         return template.render(
             messages=list(messages),
             add_generation_prompt=True,
             bos_token=self.bos_text,
             eos_token=self.eos_text,
+            **({"tools": list(tools)} if tools else {}),
         )
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        text = self.render_chat(messages)
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        text = self.render_chat(messages, tools)
         # Templates usually write the BOS text themselves; never add a second one.
         starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
         return self.encode(text, add_bos=self.add_bos and not starts_with_bos)

@@ -20,6 +20,9 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
     409: "conflict_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -103,3 +106,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return error_response(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: still OpenAI-shaped, with the request id to find it.
+        from edgemesh.gateway.observe import request_id
+
+        log.exception("unhandled error in %s [request %s]", request.url.path, request_id.get())
+        return error_response(
+            f"internal error ({type(exc).__name__}); request id {request_id.get()}", 500
+        )

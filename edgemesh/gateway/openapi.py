@@ -1,0 +1,73 @@
+"""The gateway's OpenAPI schema with the request bodies the handlers read.
+
+Handlers parse bodies themselves (so bad input is an OpenAI-style 4xx, not
+FastAPI's 422), which leaves FastAPI's generated schema without bodies.
+This adds them from the pydantic models in ``schemas``, so a client
+generator or a fuzzer (schemathesis, in the tests) sees every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from edgemesh.gateway import schemas
+
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": schemas.CompletionRequest,
+    "/v1/chat/completions": schemas.ChatRequest,
+    "/v1/embeddings": schemas.EmbeddingRequest,
+    "/tokenize": schemas.TokenizeRequest,
+    "/detokenize": schemas.DetokenizeRequest,
+}
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type"],
+        }
+    },
+    "required": ["error"],
+}
+
+
+def install(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        refs, defs = models_json_schema(
+            [(m, "validation") for m in BODIES.values()],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.get("$defs", {}))
+        components["Error"] = _ERROR
+        for path, model in BODIES.items():
+            op = doc.get("paths", {}).get(path, {}).get("post")
+            if op is None:
+                continue
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[(model, "validation")]}},
+            }
+            op.setdefault("responses", {})["400"] = {
+                "description": "The request is invalid (OpenAI error body)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
