@@ -101,11 +101,17 @@ def mesh_service(
     *,
     here: str | None,
     source: Any,
-    max_sequences: int = 16,
+    max_sequences: int | None = None,
     max_queue: int = 64,
     on_change: Callable[[str, list[dict[str, Any]], dict[str, Any]], None] | None = None,
 ) -> ModelService:
     """Open one deployed model (a record written by ``edgemesh deploy``).
+
+    The KV cache is what the plan reserved on each box: ``plan.sequences``
+    sequences of ``plan.context`` tokens. The engine admits that many (more
+    wait in its queue, then 429) and every stage refuses more, so a box never
+    holds more cache than its plan priced in. ``max_sequences`` may only
+    lower it.
 
     ``on_change(name, stages, plan)`` is called after the stages moved (a
     loss or a join), from the pipeline's recovery thread."""
@@ -117,6 +123,8 @@ def mesh_service(
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
     package = local_package(record, manifest_bytes, here or "local", source)
     plan = Plan.from_dict(record["plan"])
+    context = min(plan.context, manifest.context_length)
+    slots = min(max_sequences or plan.sequences, plan.sequences)
     placer = PlanPlacer(
         manifest,
         plan,
@@ -124,15 +132,18 @@ def mesh_service(
         record.get("links", []),
         package_dir=record.get("package_dir", ""),
         origin_box=record.get("origin_box"),
-        stage_defaults={"max_sequences": max_sequences * 2, "threads": record.get("threads")},
+        stage_defaults={
+            "max_sequences": slots,
+            "context_length": context,
+            "threads": record.get("threads"),
+        },
     )
     pipe, where = build_pipeline(placer, manifest_bytes, here=here, package=package, source=source)
     tokenizer = open_package(package).tokenizer()
-    context = min(plan.context, manifest.context_length)
     engine = Engine(
         pipe,
         tokenizer,
-        EngineConfig(context_length=context, max_sequences=max_sequences, max_queue=max_queue),
+        EngineConfig(context_length=context, max_sequences=slots, max_queue=max_queue),
     )
     info: dict[str, Any] = {
         "backend": "mesh",
