@@ -87,7 +87,7 @@ function renderBoxes() {
     const hottest = temps.length ? Math.max(...temps.map(t => t.celsius)) : null;
     const watts = power.length ? power.reduce((a, p) => a + p.watts, 0) : null;
     const runs = (b.stages || []).map(st =>
-      `${esc(st.model)} [${st.layers ? st.layers.join(", ") : "?"}) ${esc(st.backend || "")}/${esc(st.precision || "")}`).join("<br>");
+      `${esc(st.model)} [${st.layers ? st.layers.join(", ") : "?"}) ${esc(st.backend || "")}${st.precision ? "/" + esc(st.precision) : ""}`).join("<br>");
     const actions = b.role === "single" || b.gateway ? "" :
       (b.draining ? `<button data-act="undrain" data-box="${esc(b.id)}">Undrain</button>`
                   : `<button data-act="drain" data-box="${esc(b.id)}">Drain</button>`) +
@@ -145,7 +145,7 @@ function shardMap(stages, layers) {
   const total = layers || Math.max(1, ...stages.map(s => (s.layers || [0, 1])[1]));
   return `<div class="shardmap">${stages.map(s => {
     const [a, b] = s.layers || [0, total];
-    const label = `${s.box} [${a}, ${b}) ${s.backend || ""}/${s.precision || ""}`;
+    const label = `${s.box} [${a}, ${b}) ${s.backend || ""}${s.precision ? "/" + s.precision : ""}`;
     return `<div title="${esc(label)}" style="flex:${Math.max(1, b - a)};background:${boxColor(s.box)}">${esc(label)}</div>`;
   }).join("")}</div><div class="muted small">${total} layers, ${stages.length} stage(s)</div>`;
 }
