@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from edgemesh.backends.base import Backend
 from edgemesh.errors import BackendUnavailableError, ConfigError
 
-_NOT_BACKENDS = {"base", "registry"}
+_NOT_BACKENDS = {"base", "registry", "graph_base"}
 
 
 @lru_cache(maxsize=1)
@@ -74,3 +74,37 @@ def require_available(name: str) -> type[Backend]:
 def availability() -> dict[str, str | None]:
     """name -> None if usable here, else the reason."""
     return {name: cls.available() for name, cls in all_backends().items()}
+
+
+# Graph backends (whole fixed graphs: vision and other non-LLM models; see
+# graph_base.py) live in modules named graph_*.py that define GRAPH_BACKEND.
+# Same registry, separate namespace: a graph backend is named like the
+# engine it drives ("onnxruntime", "openvino"...), so the fingerprint's
+# backend order applies to both kinds.
+
+
+@lru_cache(maxsize=1)
+def graph_backends() -> dict[str, type]:
+    """Every graph backend class by name, installed or not (sorted)."""
+    import edgemesh.backends as pkg
+
+    found: dict[str, type] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("graph_") or info.name == "graph_base":
+            continue
+        module = importlib.import_module(f"edgemesh.backends.{info.name}")
+        cls = getattr(module, "GRAPH_BACKEND", None)
+        if cls is not None:
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
+
+
+def get_graph(name: str) -> type:
+    """The graph backend class called ``name``; raises ConfigError if unknown."""
+    backends = graph_backends()
+    try:
+        return backends[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown graph backend '{name}'", hint=f"choose one of: {', '.join(backends)}"
+        ) from None

@@ -7,7 +7,10 @@
     ├── ModelError
     │   ├── ModelNotFoundError      no file/folder where the model should be
     │   ├── CorruptArtifactError    size or sha256 does not match the manifest
-    │   └── UnsupportedModelError   architecture/format edgemesh cannot run
+    │   ├── UnsupportedModelError   architecture/format edgemesh cannot run
+    │   │   └── UnsupportedOpError  an operator (named, with its opset) a step cannot take
+    │   ├── ConversionMismatchError the converted graph disagrees with the source framework
+    │   └── CalibrationError        calibration samples that do not fit the model's inputs
     ├── BackendError
     │   ├── BackendUnavailableError backend not installed or hardware absent
     │   ├── ShardLoadError          the runtime refused to load a shard
@@ -22,6 +25,7 @@
     └── RequestError                a client request that cannot be served
         ├── ContextOverflowError    prompt + max_tokens exceed the context
         ├── OverloadedError         the queue is full; retry later
+        ├── TensorError             a request tensor of the wrong name/dtype/shape/size
         ├── ModelUnavailableError   no boxes left that can hold the model (503)
         ├── NotFoundError           no such box, model, package or job (404)
         └── ConflictError           the action clashes with the current state (409)
@@ -190,3 +194,30 @@ class ConflictError(RequestError):
     already served, drain on a single box, an action already running (409)."""
 
     status = 409
+
+
+class UnsupportedOpError(UnsupportedModelError):
+    """An operator a conversion step or engine cannot take; names the op and opset."""
+
+    def __init__(self, op: str, opset: int | None, where: str, *, hint: str | None = None) -> None:
+        at = f" (opset {opset})" if opset is not None else ""
+        super().__init__(f"operator '{op}'{at} is not supported by {where}", hint=hint)
+        self.op = op
+        self.opset = opset
+
+
+class ConversionMismatchError(ModelError):
+    """The ONNX graph's outputs disagree with the source framework's own outputs."""
+
+
+class CalibrationError(ModelError):
+    """Calibration/eval samples that cannot be fed to the model (shape, dtype, count)."""
+
+
+class TensorError(RequestError):
+    """A request tensor that does not match the model's input (HTTP 400)."""
+
+    status = 400
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, code="invalid_tensor")

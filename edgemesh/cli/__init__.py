@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from edgemesh.cli import bench, convert, deploy, generate, info, join, plan, serve, status
+from edgemesh.cli import import_
 
 app = typer.Typer(
     name="edgemesh",
@@ -26,6 +27,7 @@ app.command("plan")(plan.command)
 app.command("convert")(convert.command)
 app.command("generate")(generate.command)
 app.command("deploy")(deploy.command)
+app.command("import")(import_.command)  # graph models (vision...): edgemesh.graph
 app.add_typer(bench.app, name="bench")
 
 

@@ -51,6 +51,20 @@ def command(
         Path | None, typer.Option(help="Jinja chat template file overriding the model's.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+    graph: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--graph",
+            help="Graph package (edgemesh import) to serve on /v2 beside the LLM (repeatable).",
+        ),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Graph models: largest dynamic batch.")] = 8,
+    max_queue_delay_ms: Annotated[
+        float, typer.Option(help="Graph models: wait this long for a batch to fill (0 = none).")
+    ] = 0.0,
+    max_accuracy_loss: Annotated[
+        float, typer.Option(help="Graph models: accuracy budget of the precision choice.")
+    ] = 0.10,
 ) -> None:
     """Serve a model from this box alone (OpenAI API: /v1/completions, /v1/chat/completions)."""
     import uvicorn
@@ -60,6 +74,20 @@ def command(
     from edgemesh.local import LocalOptions, load_service
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from edgemesh.graph.manifest import is_graph_package
+
+    graph_dirs = list(graph or [])
+    if model is not None and is_graph_package(model):
+        graph_dirs.insert(0, Path(model))
+        model = None
+    with user_errors():
+        graphs = _graph_services(
+            graph_dirs, threads, backend, precision, max_batch, max_queue_delay_ms, max_queue,
+            max_accuracy_loss,
+        )
+    if graphs and model is None and not graph:
+        _serve(create_app([], api_keys=api_key or (), graphs=graphs), graphs, host, port, log_level)
+        return
     with user_errors():
         source = models.resolve(model)
         service = load_service(
@@ -74,7 +102,7 @@ def command(
                 chat_template=chat_template,
             ),
         )
-    app = create_app([service], api_keys=api_key or ())
+    app = create_app([service], api_keys=api_key or (), graphs=graphs)
     runtime = "/".join(str(service.info[k]) for k in ("backend", "precision") if k in service.info)
     typer.echo(
         f"serving '{service.name}' on http://{host}:{port}/v1 "
@@ -85,6 +113,54 @@ def command(
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
     finally:
         service.close()
+        for g in graphs:
+            g.close()
+
+
+def _graph_services(
+    dirs: list[Path], threads: int | None, backend: str | None, precision: str | None,
+    max_batch: int, max_queue_delay_ms: float, max_queue: int, max_accuracy_loss: float,
+) -> list:
+    """Graph packages opened for /v2 (backend/precision from the fingerprint unless given)."""
+    if not dirs:
+        return []
+    from edgemesh.graph.batcher import BatchingOptions
+    from edgemesh.graph.service import GraphServeOptions, load_graph_service
+
+    batching = BatchingOptions(
+        max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue
+    )
+    return [
+        load_graph_service(
+            d,
+            GraphServeOptions(
+                backend=backend,
+                precision=precision,
+                max_accuracy_loss=max_accuracy_loss,
+                threads=threads or _default_threads(),
+                batching=batching,
+            ),
+        )
+        for d in dirs
+    ]
+
+
+def _serve(app, graphs: list, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    for g in graphs:
+        info = g.info
+        typer.echo(
+            f"serving graph '{g.name}' on http://{host}:{port}/v2/models/{g.name} "
+            f"({info['backend']}/{info['precision']}; {info['chosen_by']})",
+            err=True,
+        )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    finally:
+        for g in graphs:
+            g.close()
+
 
 
 def _default_threads() -> int:

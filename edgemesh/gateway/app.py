@@ -26,6 +26,7 @@ from edgemesh.gateway import (
     dashboard,
     errors,
     extras,
+    oip,
     observe,
     openai_api,
     openapi,
@@ -40,6 +41,7 @@ def create_app(
     *,
     api_keys: Sequence[str] = (),
     boxes: dashboard.BoxesProvider | None = None,
+    graphs: Sequence[Any] = (),
 ) -> FastAPI:
     """Build the gateway for ``services``; ``api_keys`` empty = no auth.
 
@@ -48,6 +50,7 @@ def create_app(
     app.state.services = {s.name: s for s in services}
     app.state.started = time.time()
     errors.install(app)
+    oip.install(app, graphs)  # /v2 (KServe v2) for graph models, edgemesh.gateway.oip
     dashboard.install(app, boxes)
     if api_keys:
         app.add_middleware(_ApiKeys, keys=tuple(api_keys))

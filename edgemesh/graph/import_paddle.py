@@ -38,7 +38,8 @@ def model_files(path: Path) -> tuple[Path, Path]:
             )
         program = programs[0]
     elif path.suffix == ".pdiparams":
-        found = [p for p in (path.with_suffix(".json"), path.with_suffix(".pdmodel")) if p.is_file()]
+        candidates = (path.with_suffix(".json"), path.with_suffix(".pdmodel"))
+        found = [p for p in candidates if p.is_file()]
         if not found:
             raise ModelNotFoundError(f"no {path.stem}.json or {path.stem}.pdmodel beside '{path}'")
         program = found[0]

@@ -86,10 +86,15 @@ def _exported_program(torch: Any, path: Path, out: Path, options: ImportOptions)
 def _quiet_export(torch: Any, model: Any, args: tuple, out: Path, **kwargs: Any) -> None:
     """torch.onnx.export, with its errors turned into an UnsupportedModelError
     that keeps torch's message (it names the operator it could not export)."""
+    import warnings
+
     from edgemesh.errors import UnsupportedModelError
 
     try:
-        torch.onnx.export(model, args, str(out), **kwargs)
+        with warnings.catch_warnings():
+            # The TorchScript exporter's deprecation notice; its output is still checked below.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, args, str(out), **kwargs)
     except Exception as exc:
         raise UnsupportedModelError(
             f"torch.onnx.export failed: {str(exc).strip().splitlines()[-1][:500]}",
