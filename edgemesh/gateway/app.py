@@ -26,14 +26,16 @@ from edgemesh.gateway import (
     dashboard,
     errors,
     extras,
-    oip,
+    manage,
     observe,
+    oip,
     openai_api,
     openapi,
 )
 from edgemesh.gateway.service import ModelService
 
 _OPEN_PATHS = {"/health", "/", "/dashboard"}
+_OPEN_PREFIXES = ("/dashboard/static/",)  # the page's JS and CSS: no data in them
 
 
 def create_app(
@@ -41,16 +43,19 @@ def create_app(
     *,
     api_keys: Sequence[str] = (),
     boxes: dashboard.BoxesProvider | None = None,
+    manager: manage.Manager | None = None,
     graphs: Sequence[Any] = (),
 ) -> FastAPI:
     """Build the gateway for ``services``; ``api_keys`` empty = no auth.
 
-    ``boxes`` lists the mesh's boxes for the dashboard (default: this box)."""
+    ``boxes`` lists the mesh's boxes for the dashboard (default: the manager's);
+    ``manager`` runs the /api management actions (default: this box alone)."""
     app = FastAPI(title="edgemesh", version=__version__, docs_url=None, redoc_url=None)
     app.state.services = {s.name: s for s in services}
     app.state.started = time.time()
     errors.install(app)
     oip.install(app, graphs)  # /v2 (KServe v2) for graph models, edgemesh.gateway.oip
+    manage.install(app, manager, auth=bool(api_keys))
     dashboard.install(app, boxes)
     if api_keys:
         app.add_middleware(_ApiKeys, keys=tuple(api_keys))
@@ -87,7 +92,7 @@ class _ApiKeys(BaseHTTPMiddleware):
         self._keys = tuple(k.encode() for k in keys)
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path in _OPEN_PATHS:
+        if request.url.path in _OPEN_PATHS or request.url.path.startswith(_OPEN_PREFIXES):
             return await call_next(request)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
