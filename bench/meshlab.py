@@ -39,20 +39,46 @@ HOST = 254
 class MeshBox:
     """One namespace box and its `edgemesh join` process tree."""
 
-    def __init__(self, box: Box, secret: Path, mesh: str, box_id: str | None = None) -> None:
+    def __init__(
+        self,
+        box: Box,
+        secret: Path,
+        mesh: str,
+        box_id: str | None = None,
+        *,
+        default_flags: bool = False,
+    ) -> None:
         self.box = box
         self.secret = secret
         self.mesh = mesh
-        self.id = box_id or f"box{box.index}"
-        self.state = box.dir / "state"
+        # default_flags: join as a user would, with no options but the mesh and its
+        # secret: the default id, state folder (under the box's HOME) and interface.
+        self.default_flags = default_flags
+        self._id = "" if default_flags else box_id or f"box{box.index}"
+        self.state = (
+            box.dir / "home" / ".local" / "state" / "edgemesh" / mesh
+            if default_flags
+            else box.dir / "state"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def id(self) -> str:
+        """The box id; with default flags, the one its agent derived and kept
+        (``<state>/box_id``), or "" before the agent wrote it."""
+        if not self._id and self.default_flags:
+            try:
+                self._id = json.loads((self.state / "box_id").read_text())["box_id"]
+            except (OSError, ValueError, KeyError):
+                return ""
+        return self._id
+
     def join(self) -> None:
-        argv = [
-            sys.executable, "-m", "edgemesh", "join",
-            "--mesh", self.mesh, "--secret-file", self.secret, "--state-dir", self.state,
-            "--box-id", self.id, "--interface", "eth0", "--settle", "2",
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "edgemesh", "join", "--mesh", self.mesh,
+                "--secret-file", self.secret]  # fmt: skip
+        if not self.default_flags:
+            argv += ["--state-dir", self.state, "--box-id", self.id, "--interface", "eth0",
+                     "--settle", "2"]  # fmt: skip
         self.proc = self.box.spawn(argv, env=self.box.env(), log=self.box.dir / "join.log")
 
     def leave(self) -> int | None:
