@@ -29,6 +29,7 @@ def steps(package: Path) -> list[tuple[str, list[str], str | None]]:
     root = _needs_root()
     return [
         ("single", ["edgemesh", "bench", "single", "--package", pkg], None),
+        ("throughput", ["edgemesh", "bench", "throughput", "--package", pkg], None),
         ("pipeline", ["edgemesh.bench.pipeline", "--model", pkg], None),
         ("planner_check", ["edgemesh.bench.planner_check", "--model", pkg], root),
         ("llamacpp_rpc", ["edgemesh.bench.llamacpp_rpc", "--package", pkg], None),

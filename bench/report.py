@@ -178,10 +178,88 @@ def _mesh_stages(mesh: dict[str, Any]) -> str:
     ax.set_ylabel("ms per token (lower is better)")
     out += _save(fig, "mesh_latency.png")
     out += _provenance(mesh) + _load_line(mesh)
-    out += "\n## 3. Throughput: aggregate tokens/s vs concurrent streams\n"
-    out += _throughput(stages, "mesh_throughput.png", ref_tok_s=single.get("tok_s"))
-    out += _provenance(mesh)
     return out
+
+
+# -- figure 3: throughput ----------------------------------------------------
+
+
+def figure_throughput() -> str:
+    out = "## 3. Throughput: aggregate tokens/s vs concurrent streams\n"
+    result = _load("throughput")
+    if result is None:
+        out += _missing("edgemesh bench throughput")
+    else:
+        out += _one_box_throughput(result)
+    mesh = _load("mesh")
+    if mesh and mesh.get("mesh_stages"):
+        stages = _stage_rows(mesh["mesh_stages"])
+        out += "\n### Through the mesh (bench/mesh.py, its own run)\n"
+        out += _throughput(
+            stages, "mesh_throughput.png", ref_tok_s=mesh.get("single_box", {}).get("tok_s")
+        )
+        out += _provenance(mesh) + _load_line(mesh)
+    return out
+
+
+def _one_box_throughput(result: dict[str, Any]) -> str:
+    streams = result["streams"]
+    engines = result["engines"]
+    out = (
+        f"\nOne box, {result.get('model')}: {result.get('prompt_tokens')}-token prompts, "
+        f"{result.get('tokens')} greedy tokens per stream, all streams submitted at once, "
+        f"{result.get('threads')} threads. Aggregate decode tokens/s = tokens delivered while "
+        "every stream was decoding, over that window. Reference: llama.cpp's own batched "
+        "decode (one `llama_decode` of one token per sequence per step, llama-cpp-python's "
+        "low-level API) on the GGUF, same run.\n"
+    )
+    rows = []
+    for name, r in engines.items():
+        runs = r["runs"]
+        rows.append([name, *[runs[str(n)]["aggregate_tok_s"] for n in streams]])
+        rows.append(["  × 1 stream", *[runs[str(n)].get("vs_1_stream") for n in streams]])
+        if not name.startswith("llama.cpp batched"):
+            rows.append(
+                ["  × llama.cpp batched", *[runs[str(n)].get("vs_llama_cpp_batched")
+                                           for n in streams]]
+            )  # fmt: skip
+    goals = result.get("goals_vs_1_stream", {})
+    rows.append(["goal × 1 stream", *[goals.get(str(n), goals.get(n)) for n in streams]])
+    out += _table(["engine", *[f"{n} streams" for n in streams]], rows)
+    notes = []
+    for name, r in engines.items():
+        if "ttft_p50_16_vs_1" in r:
+            one, many = r["runs"]["1"], r["runs"].get("16", {})
+            notes.append(
+                f"{name}: TTFT p50 {one['ttft_p50_ms']} ms alone, {many.get('ttft_p50_ms')} ms "
+                f"at 16 streams ({r['ttft_p50_16_vs_1']}×; goal ≤ 2×)"
+            )
+        if "peak_rss_vs_planned" in r:
+            notes.append(
+                f"{name}: peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB vs the planner's "
+                f"{r['planned']['total'] / 1e6:.0f} MB for the box "
+                f"({r['peak_rss_vs_planned']}×; goal within 10 %)"
+            )
+        layout = r.get("layout")
+        if layout:
+            notes.append(
+                f"KV layout, one decode step of {layout['sequences']} sequences: compact "
+                f"{layout['compact_step_ms']} ms vs spread over all {layout['slots']} slots "
+                f"{layout['all_slots_step_ms']} ms"
+            )
+    out += "".join(f"\n* {n}" for n in notes) + "\n"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, r in engines.items():
+        ax.plot(streams, [r["runs"][str(n)]["aggregate_tok_s"] for n in streams], "o-",
+                label=name)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(streams, [str(c) for c in streams])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.legend(fontsize=8)
+    out += _save(fig, "throughput_one_box.png")
+    return out + _provenance(result) + _load_line(result)
 
 
 def _load_line(result: dict[str, Any]) -> str:
@@ -407,6 +485,7 @@ def figure_mesh() -> str:
 FIGURES: list[Callable[[], str]] = [
     figure_single,
     figure_pipeline,
+    figure_throughput,
     figure_planner,
     figure_memory,
     figure_mesh,

@@ -66,6 +66,37 @@ def pipeline(
     print_json(result)
 
 
+@app.command("throughput")
+def throughput(
+    model: Annotated[str | None, typer.Option(help="A .gguf file; default: gemma-3-270m.")] = None,
+    package: Annotated[
+        Path | None,
+        typer.Option(help="The ONNX package converted from --model; default: converted once."),
+    ] = None,
+    streams: Annotated[str, typer.Option(help="Concurrent streams to measure.")] = "1,4,8,16",
+    tokens: Annotated[int, typer.Option(help="Greedy tokens per stream.")] = 48,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (same for all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """One box: aggregate decode tokens/s at 1/4/8/16 streams, llama.cpp batched as reference."""
+    from edgemesh.bench import throughput as bench_throughput
+
+    with user_errors():
+        result = bench_throughput.run(
+            model=model,
+            package=package,
+            streams=tuple(int(n) for n in streams.split(",")),
+            tokens=tokens,
+            threads=threads,
+            out=out,
+        )
+    if json_out:
+        print_json(result)
+    else:
+        typer.echo(bench_throughput.render(result))
+
+
 @app.command("all")
 def all_benchmarks(
     only: Annotated[
