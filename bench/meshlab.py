@@ -270,6 +270,7 @@ class MeshLab:
         out = on.edgemesh(
             "deploy", str(package), "--name", name, "--state-dir", str(on.state),
             "--boxes", str(profiles), "--plan", str(plan_file), "--port", str(port), "--json",
+            "--host", "mesh",
         )  # fmt: skip
         if out.returncode != 0:
             raise MeshError(f"edgemesh deploy failed:\n{out.stderr[-4000:]}\n{self.logs()}")

@@ -293,7 +293,9 @@ class Agent:
             num_cpus=self._cpus,
             object_store_bytes=self.settings.object_store_mb << 20,
             resources=box_resources(self.box_id, self._accels),
-            base_env=process_env(),
+            # The gateway replica on the head reads this box's state.json and
+            # events.jsonl through it (the dashboard's boxes and events).
+            base_env={**process_env(), "EDGEMESH_STATE_DIR": str(self.paths.root)},
         )
 
     def _stop_ray(self, grace_s: float = STOP_GRACE_S) -> None:

@@ -97,7 +97,7 @@ def test_same_hostname_boxes_mesh_with_default_flags_and_deploy_waits(lab: Netns
         ]))  # fmt: skip
         out = deployer.edgemesh(
             "deploy", str(package), "--mesh", MESH, "--name", "tiny", "--boxes", str(profiles),
-            "--port", str(PORT), "--json", timeout=600,
+            "--port", str(PORT), "--json", "--host", "mesh", timeout=600,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-4000:] + logs()
         print(f"settling when deploy started: {settling_at_start}\n{out.stderr}", file=sys.stderr)

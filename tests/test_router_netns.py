@@ -178,7 +178,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
         out = deployer.edgemesh(
             "deploy", str(own_copy), "--name", "tiny", "--state-dir", str(deployer.state),
             "--boxes", str(profiles), "--plan", str(plan_file), "--port", str(PORT), "--json",
-            timeout=300,
+            "--host", "mesh", timeout=300,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-4000:] + logs()
         figures["deploy_s"] = time.monotonic() - t

@@ -42,6 +42,23 @@ def command(
         ),
     ] = None,
     port: Annotated[int, typer.Option(help="Port of the mesh gateway on the head.")] = 8000,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the gateway on the head listens: 127.0.0.1 (the head only; the "
+            "default without --api-key), 'mesh' (the head's mesh address; the default with "
+            "--api-key), 0.0.0.0 (every interface) or an address. Kept for later deploys.",
+        ),
+    ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            envvar="EDGEMESH_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on the mesh gateway (repeatable; "
+            "the records keep only its sha256).",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
     wait: Annotated[
         float,
@@ -124,6 +141,8 @@ def command(
             profiles=profiles,
             links=links,
             port=port,
+            host=host,
+            api_keys=api_key or (),
             state_dir=folder,
             fixed_plan=fixed,
         )

@@ -11,6 +11,7 @@ shard. Every response carries ``x-request-id`` (``edgemesh.gateway.observe``).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Sequence
@@ -89,7 +90,10 @@ def create_app(
 class _ApiKeys(BaseHTTPMiddleware):
     def __init__(self, app: Any, keys: tuple[str, ...]) -> None:
         super().__init__(app)
-        self._keys = tuple(k.encode() for k in keys)
+        # "sha256:<hex>" entries (the mesh gateway's, from its records) are
+        # compared as digests; the others as the keys themselves.
+        self._keys = tuple(k.encode() for k in keys if not k.startswith("sha256:"))
+        self._digests = tuple(k[7:].encode() for k in keys if k.startswith("sha256:"))
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if request.url.path in _OPEN_PATHS or request.url.path.startswith(_OPEN_PREFIXES):
@@ -97,7 +101,11 @@ class _ApiKeys(BaseHTTPMiddleware):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self._keys):
+        digest = hashlib.sha256(given).hexdigest().encode()
+        ok = any(hmac.compare_digest(given, k) for k in self._keys) or any(
+            hmac.compare_digest(digest, d) for d in self._digests
+        )
+        if scheme.lower() != "bearer" or not ok:
             return errors.error_response(
                 "invalid or missing API key (Authorization: Bearer)", 401, code="invalid_api_key"
             )

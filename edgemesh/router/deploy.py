@@ -112,6 +112,39 @@ def write_records(ray: Any, doc: dict[str, Any], state_dir: Path | None) -> None
         DeploymentStore(Path(state_dir) / "deployments.json").replace(doc)
 
 
+LOOPBACK = "127.0.0.1"
+MESH_HOST = "mesh"
+"""``--host mesh``: the head's mesh address (reachable from the other boxes)."""
+
+
+def gateway_bind(host: str | None, head_address: str, *, keyed: bool) -> tuple[str, str]:
+    """(address the gateway listens on, address in its URL) for ``--host``.
+
+    ``None`` is the safe default: the head's loopback only, unless the
+    gateway has an API key, when it is the mesh address. ``mesh`` is the
+    head's mesh address; ``0.0.0.0`` every interface (the URL names the
+    mesh address)."""
+    if host is None:
+        host = MESH_HOST if keyed else LOOPBACK
+    if host == MESH_HOST:
+        return head_address, head_address
+    if host in ("0.0.0.0", "::"):
+        return host, head_address
+    return host, host
+
+
+def key_digests(api_keys: list[str] | tuple[str, ...]) -> list[str]:
+    """What the records keep of the gateway's API keys: sha256 digests, never the keys."""
+    import hashlib
+
+    return [hashlib.sha256(k.encode()).hexdigest() for k in api_keys]
+
+
+def gateway_keys(doc: dict[str, Any]) -> list[str]:
+    """The gateway's key list (``sha256:<hex>`` entries) from the records."""
+    return [f"sha256:{d}" for d in doc.get("api_key_sha256", [])]
+
+
 def deploy(
     package_dir: Path,
     *,
@@ -120,6 +153,8 @@ def deploy(
     profiles: list[dict[str, Any]] | None = None,
     links: list[dict[str, Any]] | None = None,
     port: int = 8000,
+    host: str | None = None,
+    api_keys: list[str] | tuple[str, ...] = (),
     state_dir: Path | None = None,
     plan_options: Any = None,
     fixed_plan: dict[str, Any] | None = None,
@@ -127,7 +162,9 @@ def deploy(
     """Plan, place and serve ``package_dir``; returns the record (with ``gateway``).
 
     ``here`` is this box's id (the artifact source). Ray must be initialised
-    against the mesh (``edgemesh.mesh.connect``). ``fixed_plan`` (a plan as
+    against the mesh (``edgemesh.mesh.connect``). ``host``: see ``gateway_bind``
+    (kept in the records, so a restore binds the same way); ``api_keys`` are
+    kept as sha256 digests. ``fixed_plan`` (a plan as
     ``edgemesh plan --json`` prints it) replaces the planner's choice for the
     first placement; after a loss the mesh still re-plans from ``profiles``.
     """
@@ -160,7 +197,12 @@ def deploy(
     mirror_package(ray, name, manifest_bytes, source_box=here, path=str(package.root), head=head.id)
 
     doc = read_records(ray)
-    url = f"http://{head.address}:{port}/v1"
+    if api_keys:
+        doc["api_key_sha256"] = key_digests(api_keys)
+    if host is not None or "gateway_host" not in doc:
+        doc["gateway_host"] = host or (MESH_HOST if doc.get("api_key_sha256") else LOOPBACK)
+    bind, shown = gateway_bind(doc["gateway_host"], head.address, keyed=True)
+    url = f"http://{shown}:{port}/v1"
     doc["models"][name] = {
         "name": name,
         "manifest": manifest_bytes.decode(),
@@ -182,7 +224,14 @@ def deploy(
         "deployed": time.time(),
     }
     sources = {n: ray.get_actor(f"{SOURCE_PREFIX}{n}", namespace=NAMESPACE) for n in doc["models"]}
-    start_gateway(list(doc["models"].values()), head.id, sources, host=head.address, port=port)
+    start_gateway(
+        list(doc["models"].values()),
+        head.id,
+        sources,
+        host=bind,
+        port=port,
+        api_keys=gateway_keys(doc),
+    )
     doc["gateway"] = url
     write_records(ray, doc, state_dir)
     return doc["models"][name]

@@ -55,6 +55,13 @@ class MembershipWatcher(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
 
+    def add(self, pipeline: Any) -> None:
+        """Watch one more pipeline (a model deployed from the dashboard)."""
+        self._pipelines.append(pipeline)
+
+    def remove(self, pipeline: Any) -> None:
+        self._pipelines = [p for p in self._pipelines if p is not pipeline]
+
     def run(self) -> None:
         while not self._halt.wait(self._period):
             try:

@@ -76,8 +76,11 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
     ``{"gateway": url, "restored": [names], "skipped": {name: why}}``."""
     ray = require("ray", "mesh")
     from edgemesh.router.deploy import (
+        MESH_HOST,
         NAMESPACE,
         SOURCE_PREFIX,
+        gateway_bind,
+        gateway_keys,
         mesh_boxes,
         mirror_package,
         read_records,
@@ -101,7 +104,9 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
     if head is None:
         raise MeshError("the mesh's Ray cluster has no live head box with a box:<id> resource")
     port = port or _recorded_port(doc) or 8000
-    url = f"http://{head.address}:{port}/v1"
+    # Records from before --host bound the mesh address: keep that for them.
+    bind, shown = gateway_bind(doc.get("gateway_host", MESH_HOST), head.address, keyed=True)
+    url = f"http://{shown}:{port}/v1"
     restored, skipped = [], {}
     for name, record in sorted(doc["models"].items()):
         found = find_whole_copy(ray, record, boxes)
@@ -127,7 +132,7 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
     if restored:
         records = [doc["models"][n] for n in restored]
         sources = {n: ray.get_actor(f"{SOURCE_PREFIX}{n}", namespace=NAMESPACE) for n in restored}
-        start_gateway(records, head.id, sources, host=head.address, port=port)
+        start_gateway(records, head.id, sources, host=bind, port=port, api_keys=gateway_keys(doc))
         doc["gateway"] = url
         write_records(ray, doc, state_dir)
     return {"gateway": url if restored else None, "restored": restored, "skipped": skipped}

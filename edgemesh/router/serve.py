@@ -39,8 +39,11 @@ class MeshGateway:
 
         logging.basicConfig(level=logging.INFO)
         self.api_keys = tuple(api_keys)
+        self.head_box = head_box
+        self.sources = dict(sources)
+        self.manager: Any = None  # the dashboard's MeshManager, once the app is built
         self.services = [
-            mesh_service(r, here=head_box, source=sources.get(r["name"]), on_change=_record_stages)
+            mesh_service(r, here=head_box, source=sources.get(r["name"]), on_change=self._changed)
             for r in records
         ]
         self.watcher = MembershipWatcher(
@@ -52,8 +55,17 @@ class MeshGateway:
 
     def __serve_build_asgi_app__(self) -> Any:
         from edgemesh.gateway import create_app
+        from edgemesh.gateway.mesh_manager import MeshManager
 
-        return create_app(self.services, api_keys=self.api_keys)
+        # Every box of the mesh on the dashboard, and deploys from the page.
+        self.manager = MeshManager(self.head_box, self.watcher, self.sources)
+        return create_app(self.services, api_keys=self.api_keys, manager=self.manager)
+
+    def _changed(self, name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
+        if self.manager is not None:  # records it and logs the event
+            self.manager._on_change(name, stages, plan)
+        else:
+            _record_stages(name, stages, plan)
 
     def __del__(self) -> None:
         if getattr(self, "watcher", None) is not None:

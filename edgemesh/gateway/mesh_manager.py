@@ -1,0 +1,524 @@
+"""The mesh gateway's ``Manager``: every box of the mesh, from the head.
+
+Runs in the gateway's Ray Serve replica on the head (``router.serve``).
+What it reads:
+
+- the boxes and the lost ones: the head agent's ``state.json`` (its verified
+  mDNS membership plus Ray's node table), found through
+  ``$EDGEMESH_STATE_DIR``, which the agent sets for its Ray processes; without
+  it, Ray's node table alone;
+- each box's live readings and packages: a tiny Ray task pinned to the box
+  (``box:<id>`` resource, no CPU), so the figures come from that box's own
+  sysfs. A background thread refreshes the readings every ``LIVE_PERIOD_S``
+  so a page load never waits on a box that stopped answering;
+- the events: the agent's ``events.jsonl`` (joins, leaves, crashes, heads)
+  merged into the gateway's log, plus this replica's own (deploys, re-plans,
+  recoveries, errors).
+
+Deploy, undeploy, re-plan and drain act inside this replica: a new model is
+planned, its package mirrored to the head and its pipeline opened here, and
+the deployment records (GCS KV) are updated so a new head restores the same
+set. The replica is never restarted for it, so live streams of the other
+models go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgemesh.errors import ConflictError, ModelNotFoundError, NotFoundError
+from edgemesh.gateway.jobs import Job
+from edgemesh.gateway.manager import Manager, model_view, stages_by_box, this_box_live
+
+log = logging.getLogger(__name__)
+
+LIVE_PERIOD_S = 2.0
+LIVE_TIMEOUT_S = 3.0
+PACKAGES_TIMEOUT_S = 10.0
+
+
+def _find_packages_here(extra: list[str]) -> list[dict[str, Any]]:
+    from edgemesh.gateway.packages import find_packages
+
+    return find_packages(p for p in extra if p and Path(p).is_dir())
+
+
+def _read_manifest(path: str) -> bytes:
+    manifest = Path(path) / "manifest.json"
+    try:
+        return manifest.read_bytes()
+    except OSError as exc:
+        raise ModelNotFoundError(f"no package manifest at {manifest}: {exc}") from exc
+
+
+def _stop_agent() -> str:
+    """On a box: ask its ``edgemesh join`` to leave (SIGTERM, it says goodbye)."""
+    import signal
+
+    from edgemesh.mesh.status import read_agent_state
+
+    folder = os.environ.get("EDGEMESH_STATE_DIR")
+    doc = read_agent_state(Path(folder)) if folder else None
+    if doc is None:
+        raise NotFoundError(
+            "this box's agent state was not found (EDGEMESH_STATE_DIR unset or stale)",
+            code="box_not_found",
+        )
+    os.kill(int(doc["pid"]), signal.SIGTERM)
+    return f"asked the agent (pid {doc['pid']}) to leave"
+
+
+class MeshManager(Manager):
+    mode = "mesh"
+
+    def __init__(self, head_box: str, watcher: Any, sources: dict[str, Any]) -> None:
+        import ray
+
+        self._ray = ray
+        self.head_box = head_box
+        self.watcher = watcher
+        self.sources = dict(sources)
+        folder = os.environ.get("EDGEMESH_STATE_DIR")
+        self.state_dir = Path(folder) if folder else None
+        self._live: dict[str, dict[str, Any]] = {}
+        self._live_lock = threading.Lock()
+        self._halt = threading.Event()
+        threading.Thread(target=self._poll_live, name="edgemesh-live", daemon=True).start()
+
+    # -- what the head knows ------------------------------------------------
+
+    def box_id(self) -> str:
+        return self.head_box
+
+    def _agent_state(self) -> dict[str, Any] | None:
+        if self.state_dir is None:
+            return None
+        from edgemesh.mesh.status import read_agent_state
+
+        return read_agent_state(self.state_dir)
+
+    def _records(self) -> dict[str, Any]:
+        from edgemesh.router.deploy import read_records
+
+        return read_records(self._ray)
+
+    def _alive(self) -> list[Any]:
+        from edgemesh.router.deploy import mesh_boxes
+
+        return mesh_boxes(self._ray)
+
+    def overview(self) -> dict[str, Any]:
+        out = super().overview()
+        doc = self._agent_state() or {}
+        out.update(mesh=doc.get("mesh"), head=doc.get("head") or self.head_box)
+        return out
+
+    def boxes(self) -> dict[str, Any]:
+        from edgemesh.mesh.status import health
+
+        doc = self._agent_state()
+        records = self._records()
+        drained = set(records.get("drained", []))
+        forgotten = records.get("forgotten", {})
+        stages = stages_by_box(self.services, self.head_box)
+        alive = {b.id: b for b in self._alive()}
+        with self._live_lock:
+            live = dict(self._live)
+        rows = []
+        if doc is not None:
+            members = doc.get("members", [])
+        else:  # no agent state here: Ray's node table is all we have
+            members = [
+                {
+                    "id": b.id,
+                    "role": "head" if b.is_head else "worker",
+                    "address": b.address,
+                    "ready": True,
+                    "ray_alive": True,
+                }
+                for b in alive.values()
+            ]
+        for m in members:
+            box = m["id"]
+            h = health(m)
+            got = live.get(box, {})
+            rows.append(
+                {
+                    "id": box,
+                    "role": m.get("role"),
+                    "address": m.get("address"),
+                    "health": "draining" if box in drained and h == "ok" else h,
+                    "draining": box in drained,
+                    "gateway": box == self.head_box,
+                    "started": m.get("started"),
+                    "version": m.get("version"),
+                    "summary": m.get("fingerprint") or m.get("summary") or {},
+                    "stages": stages.get(box, []),
+                    "live": got.get("live"),
+                    "engines": got.get("engines", []),
+                    "uptime_s": got.get("uptime_s"),
+                    "live_error": got.get("error"),
+                }
+            )
+        lost = [
+            {"id": x["id"], "at": x["at"], "reason": x["reason"]}
+            for x in (doc or {}).get("lost", [])
+            if x["id"] not in alive and float(forgotten.get(x["id"], 0)) < float(x["at"])
+        ]
+        lost.sort(key=lambda x: -x["at"])
+        return {"boxes": rows, "lost": lost}
+
+    def _poll_live(self) -> None:
+        task = self._ray.remote(this_box_live)
+        while not self._halt.wait(LIVE_PERIOD_S):
+            try:
+                boxes = [b.id for b in self._alive()]
+                refs = {
+                    b: task.options(resources={f"box:{b}": 0.001}, num_cpus=0).remote()
+                    for b in boxes
+                }
+                ready, _ = self._ray.wait(
+                    list(refs.values()), num_returns=len(refs), timeout=LIVE_TIMEOUT_S
+                )
+                done = {r.hex() for r in ready} if ready else set()
+                fresh: dict[str, dict[str, Any]] = {}
+                for box, ref in refs.items():
+                    if ref.hex() not in done:
+                        fresh[box] = {"error": f"no answer in {LIVE_TIMEOUT_S:.0f} s"}
+                        self._ray.cancel(ref, force=True)
+                        continue
+                    try:
+                        fresh[box] = self._ray.get(ref)
+                    except Exception as exc:  # the box went away mid-call
+                        fresh[box] = {"error": f"{type(exc).__name__}: {exc}"}
+                with self._live_lock:
+                    self._live = fresh
+            except Exception:  # keep polling; the page shows the last readings
+                log.exception("live readings of the boxes failed")
+
+    def refresh_events(self) -> None:
+        if self.state_dir is not None:
+            self.events.merge_agent_log(self.state_dir / "events.jsonl")
+
+    def join_info(self) -> dict[str, Any]:
+        from edgemesh.mesh.config import load_settings, read_secret
+
+        doc = self._agent_state() or {}
+        mesh = doc.get("mesh", "default")
+        settings = load_settings(self.state_dir) if self.state_dir else None
+        secret_path = (
+            settings.secret_file
+            if settings is not None and settings.secret_file
+            else (self.state_dir / "secret" if self.state_dir else None)
+        )
+        key_id = None
+        if secret_path is not None:
+            try:
+                key_id = read_secret(Path(secret_path)).key_id()
+            except Exception as exc:  # shown as unknown; the join still works
+                log.warning("cannot read the mesh secret for its id: %s", exc)
+        head = doc.get("address") or self.head_box
+        command = f"edgemesh join --mesh {mesh} --secret-file edgemesh-{mesh}.secret"
+        return {
+            "mesh": mesh,
+            "command": command,
+            "secret_file": str(secret_path) if secret_path else None,
+            "secret_id": key_id,
+            "copy_command": (
+                f"scp -p {head}:{secret_path} NEWBOX:edgemesh-{mesh}.secret"
+                if secret_path
+                else None
+            ),
+            "steps": [
+                f"The new box needs edgemesh installed and the secret of mesh '{mesh}'.",
+                f"Copy the secret file from the head ({secret_path}) to the new box; it is "
+                "private (mode 0600): copy the file, never paste its content anywhere.",
+                f"On the new box: {command}",
+                "It appears here within seconds; running models re-plan onto it when that "
+                "is faster.",
+            ],
+        }
+
+    def packages(self) -> dict[str, Any]:
+        ray = self._ray
+        task = ray.remote(_find_packages_here)
+        records = self._records().get("models", {})
+        extra = [m.get("package_dir", "") for m in records.values()]
+        boxes = [b.id for b in self._alive()]
+        refs = {
+            b: task.options(resources={f"box:{b}": 0.001}, num_cpus=0).remote(extra) for b in boxes
+        }
+        found, errors = [], {}
+        for box, ref in refs.items():
+            try:
+                for p in ray.get(ref, timeout=PACKAGES_TIMEOUT_S):
+                    p["box"] = box
+                    p["deployed_as"] = [
+                        n
+                        for n, m in records.items()
+                        if m.get("package_dir") == p["path"] and m.get("origin_box") == box
+                    ]
+                    found.append(p)
+            except Exception as exc:
+                errors[box] = f"{type(exc).__name__}: {exc}"
+        return {"packages": found, "errors": errors}
+
+    # -- planning -------------------------------------------------------------
+
+    def _manifest(self, package: str, box: str) -> tuple[bytes, Any]:
+        from edgemesh.sharding.manifest import Manifest
+
+        task = self._ray.remote(_read_manifest)
+        ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
+        raw = self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
+        return raw, Manifest.from_dict(json.loads(raw))
+
+    def _profiles(self) -> list[dict[str, Any]]:
+        from edgemesh.router.deploy import measure_profiles
+
+        drained = set(self._records().get("drained", []))
+        boxes = [b for b in self._alive() if b.id not in drained]
+        return measure_profiles(self._ray, boxes)
+
+    def _box(self, box: str | None) -> str:
+        box = box or self.head_box
+        if box not in {b.id for b in self._alive()}:
+            raise NotFoundError(f"box '{box}' is not in the mesh now", code="box_not_found")
+        return box
+
+    def plan(self, package: str, box: str | None = None, name: str | None = None) -> dict:
+        from edgemesh.sharding.planner import plan
+
+        box = self._box(box)
+        _raw, manifest = self._manifest(package, box)
+        return {
+            "plan": plan(manifest, self._profiles()).to_dict(),
+            "package": {"path": package, "box": box, "name": manifest.name},
+        }
+
+    # -- actions ----------------------------------------------------------------
+
+    def deploy(self, package: str, *, box: str | None, name: str | None, plan: dict | None) -> Job:
+        box = self._box(box)
+        raw, manifest = self._manifest(package, box)
+        name = name or manifest.name
+        if name in self.services:
+            raise ConflictError(
+                f"a model named '{name}' is already served; undeploy it first",
+                param="name",
+                code="model_exists",
+            )
+        return self.jobs.start(
+            "deploy", name, lambda job: self._deploy(package, box, name, raw, manifest, plan)
+        )
+
+    def _deploy(
+        self, package: str, box: str, name: str, raw: bytes, manifest: Any, fixed: dict | None
+    ) -> tuple[str, Any]:
+        from edgemesh.router.deploy import _checked_plan, mirror_package, write_records
+        from edgemesh.router.service import mesh_service
+        from edgemesh.sharding.planner import plan
+
+        profiles = self._profiles()
+        alive = {b.id for b in self._alive()}
+        placed = _checked_plan(fixed, manifest, alive) if fixed else plan(manifest, profiles)
+        mirror = mirror_package(
+            self._ray, name, raw, source_box=box, path=package, head=self.head_box
+        )
+        doc = self._records()
+        gateway = doc.get("gateway") or next(
+            (m.get("gateway") for m in doc["models"].values() if m.get("gateway")), None
+        )
+        record = {
+            "name": name,
+            "manifest": raw.decode(),
+            "package_dir": package,
+            "origin_box": box,
+            "plan": placed.to_dict(),
+            "profiles": profiles,
+            "links": [],
+            "stages": [
+                {
+                    "box": s.box,
+                    "layers": [s.layers.start, s.layers.stop],
+                    "backend": s.backend,
+                    "precision": s.precision,
+                }
+                for s in placed.stages
+            ],
+            "gateway": gateway,
+            "deployed": time.time(),
+        }
+        service = mesh_service(record, here=self.head_box, source=mirror, on_change=self._on_change)
+        service.info["plan_full"] = placed.to_dict()
+        self.services[name] = service
+        self.sources[name] = mirror
+        self.watcher.add(service.engine.pipeline)
+        doc["models"][name] = record
+        write_records(self._ray, doc, None)
+        msg = (
+            f"deployed '{name}' from {box}: "
+            + ", ".join(
+                f"{s.box} [{s.layers.start},{s.layers.stop}) {s.backend}/{s.precision}"
+                for s in placed.stages
+            )
+            + f"; predicted {placed.predicted_tokens_per_s:.1f} tok/s"
+        )
+        self.events.add("deploy", msg, model=name, box=box)
+        return msg, model_view(name, service, self.head_box)
+
+    def _on_change(self, name: str, stages: list[dict], plan: dict) -> None:
+        from edgemesh.router.serve import _record_stages
+
+        where = ", ".join(f"{s['box']} {s['layers']}" for s in stages)
+        self.events.add("recover", f"'{name}' stages now on {where}", level="warning", model=name)
+        _record_stages(name, stages, plan)
+
+    def undeploy(self, name: str) -> Job:
+        self._service(name)
+        return self.jobs.start("undeploy", name, lambda job: self._undeploy(name))
+
+    def _undeploy(self, name: str) -> tuple[str, Any]:
+        from edgemesh.router.deploy import NAMESPACE, SOURCE_PREFIX, write_records
+
+        service = self.services.pop(name, None)
+        if service is None:
+            raise NotFoundError(f"'{name}' is no longer served", code="model_not_found")
+        self.watcher.remove(service.engine.pipeline)
+        service.close()
+        doc = self._records()
+        doc["models"].pop(name, None)
+        write_records(self._ray, doc, None)
+        self.sources.pop(name, None)
+        try:
+            self._ray.kill(self._ray.get_actor(f"{SOURCE_PREFIX}{name}", namespace=NAMESPACE))
+        except ValueError:
+            pass  # the mirror is already gone
+        msg = f"undeployed '{name}'"
+        self.events.add("undeploy", msg, model=name)
+        return msg, None
+
+    def replan(self, name: str) -> dict[str, Any]:
+        from edgemesh.sharding.planner import plan
+
+        service = self._service(name)
+        placer = getattr(service.engine.pipeline, "placer", None)
+        record = self._records()["models"].get(name)
+        if record is None:
+            raise NotFoundError(f"no deployment record for '{name}'", code="model_not_found")
+        from edgemesh.sharding.manifest import Manifest
+
+        manifest = Manifest.from_dict(json.loads(record["manifest"]))
+        current = placer.plan.to_dict() if placer is not None else record["plan"]
+        return {"current": current, "proposed": plan(manifest, self._profiles()).to_dict()}
+
+    def apply_replan(self, name: str, plan: dict | None) -> Job:
+        service = self._service(name)
+        proposed = plan or self.replan(name)["proposed"]
+
+        def run(job: Job) -> tuple[str, Any]:
+            record = self._records()["models"][name]
+            self._undeploy(name)
+            from edgemesh.sharding.manifest import Manifest
+
+            manifest = Manifest.from_dict(json.loads(record["manifest"]))
+            msg, result = self._deploy(
+                record["package_dir"],
+                record["origin_box"],
+                name,
+                record["manifest"].encode(),
+                manifest,
+                proposed,
+            )
+            self.events.add("replan", f"re-planned '{name}': {msg}", model=name)
+            return msg, result
+
+        del service
+        return self.jobs.start("replan", name, run)
+
+    def drain(self, box: str, on: bool = True) -> Job:
+        if box == self.head_box and on:
+            raise ConflictError(
+                f"box {box} runs the gateway (the head); drain another box, or stop "
+                "`edgemesh join` here to hand the head over",
+                code="not_supported_here",
+            )
+        return self.jobs.start("drain" if on else "undrain", box, lambda job: self._drain(box, on))
+
+    def _drain(self, box: str, on: bool) -> tuple[str, Any]:
+        from edgemesh.router.deploy import write_records
+
+        doc = self._records()
+        drained = set(doc.get("drained", []))
+        drained = drained | {box} if on else drained - {box}
+        doc["drained"] = sorted(drained)
+        write_records(self._ray, doc, None)
+        moved = []
+        if on:
+            for name, service in list(self.services.items()):
+                if any(st.get("box") == box for st in service.info.get("stages", [])):
+                    self._move_off(name, box)
+                    moved.append(name)
+        msg = (
+            f"drained {box}: moved {', '.join(moved) or 'nothing'}"
+            if on
+            else f"{box} is used again by later plans"
+        )
+        self.events.add("drain", msg, box=box)
+        return msg, {"moved": moved}
+
+    def _move_off(self, name: str, box: str) -> None:
+        """Re-place ``name`` without ``box`` (a re-plan, then a re-deploy)."""
+        proposed = self.replan(name)["proposed"]
+        if any(st["box"] == box for st in proposed["stages"]):
+            raise ConflictError(f"the planner still puts '{name}' on {box}", code="busy")
+        record = self._records()["models"][name]
+        from edgemesh.sharding.manifest import Manifest
+
+        self._undeploy(name)
+        self._deploy(
+            record["package_dir"],
+            record["origin_box"],
+            name,
+            record["manifest"].encode(),
+            Manifest.from_dict(json.loads(record["manifest"])),
+            proposed,
+        )
+
+    def remove(self, box: str) -> Job:
+        alive = {b.id for b in self._alive()}
+        if box == self.head_box:
+            raise ConflictError(
+                f"box {box} runs the gateway (the head): stop `edgemesh join` on it instead",
+                code="not_supported_here",
+            )
+        known = alive | {x["id"] for x in self.boxes()["lost"]}
+        if box not in known:
+            raise NotFoundError(f"no box '{box}' in the mesh", code="box_not_found")
+        return self.jobs.start("remove", box, lambda job: self._remove(box, box in alive))
+
+    def _remove(self, box: str, alive: bool) -> tuple[str, Any]:
+        from edgemesh.router.deploy import write_records
+
+        if alive:
+            self._drain(box, True)
+            task = self._ray.remote(_stop_agent)
+            ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote()
+            said = self._ray.get(ref, timeout=30)
+        else:
+            said = "forgotten"
+        doc = self._records()
+        doc.setdefault("forgotten", {})[box] = time.time()
+        doc["drained"] = sorted(set(doc.get("drained", [])) - {box})
+        for record in doc["models"].values():
+            record["profiles"] = [p for p in record.get("profiles", []) if p.get("id") != box]
+        write_records(self._ray, doc, None)
+        msg = f"removed {box}: {said}"
+        self.events.add("remove", msg, box=box)
+        return msg, None
