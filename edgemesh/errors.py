@@ -2,6 +2,8 @@
 
     EdgemeshError
     ├── ConfigError                 bad option, flag or config file
+    │   └── SlimInputError          slimming input refused before any work (short
+    │                               calibration, ratio, empty layer, tokenizer)
     ├── MissingExtraError           an optional dependency is not installed
     ├── FingerprintError            a box's system files could not be read
     ├── ModelError
@@ -51,6 +53,12 @@ class EdgemeshError(Exception):
 
 class ConfigError(EdgemeshError):
     pass
+
+
+class SlimInputError(ConfigError):
+    """``edgemesh slim`` input refused before any work is done: calibration text
+    too short, a ratio outside its range, a prune that would empty a layer, a
+    student whose tokenizer differs from the teacher's."""
 
 
 class MissingExtraError(EdgemeshError):

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import typer
 
-from edgemesh.cli import bench, convert, deploy, generate, info, join, plan, serve, status
-from edgemesh.cli import import_
+from edgemesh.cli import (
+    bench,
+    convert,
+    deploy,
+    generate,
+    import_,
+    info,
+    join,
+    plan,
+    serve,
+    slim,
+    status,
+)
 
 app = typer.Typer(
     name="edgemesh",
@@ -29,6 +40,7 @@ app.command("generate")(generate.command)
 app.command("deploy")(deploy.command)
 app.command("import")(import_.command)  # graph models (vision...): edgemesh.graph
 app.add_typer(bench.app, name="bench")
+app.add_typer(slim.app, name="slim")  # AWQ/GPTQ, pruning, distillation: sharding/slim
 
 
 def main() -> None:
