@@ -126,3 +126,21 @@ def test_box_key_changes_with_the_hardware() -> None:
     other["cpu"] = {"model": "another cpu", "features": ["avx2"]}
     assert a.startswith("openvino-") and a != box_key(cls, "cpu", other)
     assert a == box_key(cls, "cpu", _fp([], "int8"))
+
+
+def test_a_non_onnxruntime_engine_is_measured_on_the_box(package: Path) -> None:
+    from edgemesh.graph.service import GraphServeOptions, load_graph_service
+
+    if registry.get_graph("openvino").available() is not None:
+        pytest.skip(f"openvino: {registry.get_graph('openvino').available()}")
+    service = load_graph_service(
+        package, GraphServeOptions(backend="openvino", precision="int8", threads=1)
+    )
+    try:
+        acc = service.info["accuracy_on_engine"]
+        assert acc is not None and acc["samples"] == 16 and acc["sample_source"] == "calibration"
+        assert 0 <= acc["loss"] <= 1 and acc["max_abs"] > 0
+        cached = list((package / "engines").glob("openvino-*/accuracy.int8.json"))
+        assert len(cached) == 1
+    finally:
+        service.close()

@@ -67,7 +67,7 @@ def test_package_manifest_is_complete_and_measured(package: Path) -> None:
     assert m.precisions["fp32"].accuracy.max_rel < 1e-4
     assert m.precisions["fp16"].accuracy.max_abs > 0  # really cast, not a copy
     # sha256 of every file, and the int8 graph really is QDQ.
-    assert set(m.files) == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    assert set(m.files) == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx", "eval.npz"}
     for rel, digest in m.files.items():
         assert sha256_file(package / rel) == digest
     import onnx

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
 CHUNK = 8
 """Samples per runtime call while measuring (batched graphs)."""
+EVAL_FILE = "eval.npz"
+EVAL_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ def _build(model: str, out: Path, work: Path, options: BuildOptions) -> GraphMan
     reference = (
         [imported.reference(chunk) for chunk in chunks] if imported.reference else fp32_outputs
     )
+    _save_eval(work / EVAL_FILE, inputs, chunks, reference)
     manifest = GraphManifest(
+        eval_file=EVAL_FILE,
         name=options.name or out.name,
         source=imported.source,
         opset=opset_of(proto),
@@ -185,3 +189,20 @@ def _run_onnx(
         return [runner.run(dict(zip([s.name for s in inputs], c, strict=True))) for c in chunks]
     finally:
         runner.close()
+
+
+def _save_eval(
+    path: Path,
+    inputs: list[TensorSpec],
+    chunks: list[calibration.Sample],
+    reference: list[list[np.ndarray]],
+) -> None:
+    """The first ``EVAL_SAMPLES`` samples and the reference outputs on them:
+    ``in.<i>`` / ``out.<j>`` arrays stacked on axis 0."""
+    arrays: dict[str, np.ndarray] = {}
+    for i in range(len(inputs)):
+        arrays[f"in.{i}"] = np.concatenate([c[i] for c in chunks])[:EVAL_SAMPLES]
+    for j in range(len(reference[0])):
+        rows = [np.asarray(r[j]) for r in reference]
+        arrays[f"out.{j}"] = np.concatenate(rows)[:EVAL_SAMPLES] if rows[0].ndim else rows[0]
+    np.savez(path, **arrays)

@@ -75,6 +75,9 @@ class GraphManifest:
     files: dict[str, str] = field(default_factory=dict)
     """relative path -> sha256 of every file in the package (engines excluded: per box)."""
     import_seconds: float | None = None
+    eval_file: str | None = None
+    """``eval.npz``: samples and the source framework's outputs on them, so a
+    box measures its own engine's accuracy (``engine_accuracy``)."""
     format: str = FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +113,7 @@ class GraphManifest:
             precisions=precisions,
             files=dict(data.get("files") or {}),
             import_seconds=data.get("import_seconds"),
+            eval_file=data.get("eval_file"),
             format=data.get("format", FORMAT),
         )
 

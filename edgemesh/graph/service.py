@@ -8,6 +8,8 @@ engine under ``engines/<box-key>/`` and wraps it in a ``DynamicBatcher``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgemesh.errors import TensorError
+from edgemesh.graph import engine_accuracy
 from edgemesh.graph.batcher import BatchingOptions, DynamicBatcher
 from edgemesh.graph.manifest import GraphManifest
 from edgemesh.graph.select import DEFAULT_MAX_ACCURACY_LOSS, Choice, box_key, choose
@@ -51,6 +54,9 @@ class GraphService:
         self.backend = backend
         self.choice = choice
         self.created = int(time.time())
+        self.engine_accuracy: Any = None
+        """This box's engine measured on the eval samples (None: onnxruntime, whose
+        figures are the manifest's)."""
         batchable = all(s.batched for s in manifest.inputs)
         self.batcher = DynamicBatcher(backend.run, batching, batchable=batchable)
         self._inputs = {s.name: s for s in manifest.inputs}
@@ -70,6 +76,9 @@ class GraphService:
             "path": str(self.root),
             "source": self.manifest.source.framework,
             "accuracy": None if entry.accuracy is None else entry.accuracy.__dict__,
+            "accuracy_on_engine": None
+            if self.engine_accuracy is None
+            else self.engine_accuracy.__dict__,
             "compiled_from": getattr(self.backend, "compiled_from", "onnx"),
         }
 
@@ -128,9 +137,7 @@ class GraphService:
 
 
 def load_graph_service(path: Path | str, options: GraphServeOptions | None = None) -> GraphService:
-    from edgemesh.backends import registry
-    from edgemesh.backends.graph_base import GraphOptions
-
+    """Open the graph package at ``path`` for serving on this box (blocks: compiles)."""
     options = options or GraphServeOptions()
     root = Path(path).expanduser().resolve()
     manifest = GraphManifest.load(root)
@@ -139,13 +146,45 @@ def load_graph_service(path: Path | str, options: GraphServeOptions | None = Non
         from edgemesh.fingerprint import collect
 
         fingerprint = collect().to_dict()
-    choice = choose(
-        manifest,
-        backend=options.backend,
-        precision=options.precision,
-        max_accuracy_loss=options.max_accuracy_loss,
-        fingerprint=fingerprint,
+    # The import measured each precision on onnxruntime; another engine is
+    # measured here on the package's eval samples, and a precision it runs
+    # outside the budget is refused like one the import measured too lossy.
+    measured = manifest
+    while True:
+        choice = choose(
+            measured,
+            backend=options.backend,
+            precision=options.precision,
+            max_accuracy_loss=options.max_accuracy_loss,
+            fingerprint=fingerprint,
+        )
+        backend, engine_dir = _open_backend(root, manifest, choice, options, fingerprint)
+        acc = None
+        if choice.backend != "onnxruntime":
+            acc = engine_accuracy.measure(backend, manifest, root, engine_dir)
+        if acc is None or options.precision is not None or acc.loss <= options.max_accuracy_loss:
+            break
+        backend.close()
+        measured = copy.deepcopy(measured)
+        entry = measured.precisions[choice.precision]
+        measured.precisions[choice.precision] = dataclasses.replace(entry, accuracy=acc)
+        log.info("%s: %s at %s measured loss %.4f on this box; trying the next precision",
+                 manifest.name, choice.backend, choice.precision, acc.loss)
+    log.info("%s: %s/%s (%s)", manifest.name, choice.backend, choice.precision, choice.reason)
+    service = GraphService(
+        options.name or manifest.name, root, manifest, backend, choice, options.batching
     )
+    service.engine_accuracy = acc
+    return service
+
+
+def _open_backend(
+    root: Path, manifest: GraphManifest, choice: Choice, options: GraphServeOptions,
+    fingerprint: dict[str, Any] | None,
+) -> tuple[Any, Path | None]:
+    from edgemesh.backends import registry
+    from edgemesh.backends.graph_base import GraphOptions
+
     graph = manifest.verify(root, choice.precision)
     cls = registry.get_graph(choice.backend)
     engine_dir = None
@@ -162,7 +201,4 @@ def load_graph_service(path: Path | str, options: GraphServeOptions | None = Non
             max_batch=options.batching.max_batch,
         ),
     )
-    log.info("%s: %s/%s (%s)", manifest.name, choice.backend, choice.precision, choice.reason)
-    return GraphService(
-        options.name or manifest.name, root, manifest, backend, choice, options.batching
-    )
+    return backend, engine_dir
