@@ -5,7 +5,8 @@ Every ``interval_s`` a thread reads the app's Prometheus registry (the one
 since the previous reading into one point per model: tokens/s, TTFT and
 inter-token latency percentiles (from the histogram buckets' increase, as
 Prometheus' ``histogram_quantile`` computes them), queue and running
-sequences, mean time per pipeline stage and per hop. So the charts and a
+sequences, mean time per pipeline stage and per hop (the increase of the
+seconds counters over the increase of the call counters). So the charts and a
 Prometheus scrape show the same numbers.
 
 A gateway without the registry (the metrics extra not installed) falls
@@ -31,9 +32,11 @@ TTFT = "edgemesh_time_to_first_token_seconds"
 ITL = "edgemesh_inter_token_latency_seconds"
 QUEUE = "edgemesh_queue_depth"
 RUNNING = "edgemesh_running_sequences"
-STAGE = "edgemesh_stage_step_seconds"
-HOP = "edgemesh_hop_seconds"
-READ = (TOKENS, TTFT, ITL, QUEUE, RUNNING, STAGE, HOP)
+STAGE_S = "edgemesh_stage_step_seconds_total"
+STAGE_N = "edgemesh_stage_steps_total"
+HOP_S = "edgemesh_hop_seconds_total"
+HOP_N = "edgemesh_hops_total"
+READ = (TOKENS, f"{TTFT}_bucket", f"{ITL}_bucket", QUEUE, RUNNING, STAGE_S, STAGE_N, HOP_S, HOP_N)
 """The metric names the charts read (deploy/grafana's test checks them too)."""
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -98,20 +101,18 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 2)
 
 
-def _delta_means(
-    now: Samples, before: Samples, name: str, model: str, key: str
+def _delta_ratio(
+    now: Samples, before: Samples, num: str, den: str, model: str, key: str
 ) -> dict[str, float]:
-    """Mean of a histogram over the interval, ms, per value of label ``key``."""
+    """Increase of counter ``num`` over increase of counter ``den`` in the
+    interval (time per call), ms, per value of label ``key``."""
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, float] = defaultdict(float)
-    for labels, value in now.get(f"{name}_sum", {}).items():
-        if _get(labels, "model") == model:
-            sums[_get(labels, key) or "?"] += value - before.get(f"{name}_sum", {}).get(labels, 0.0)
-    for labels, value in now.get(f"{name}_count", {}).items():
-        if _get(labels, "model") == model:
-            counts[_get(labels, key) or "?"] += value - before.get(f"{name}_count", {}).get(
-                labels, 0.0
-            )
+    for name, out in ((num, sums), (den, counts)):
+        old = before.get(name, {})
+        for labels, value in now.get(name, {}).items():
+            if _get(labels, "model") == model:
+                out[_get(labels, key) or "?"] += value - old.get(labels, 0.0)
     return {k: round(1000.0 * sums[k] / c, 2) for k, c in sorted(counts.items()) if c > 0}
 
 
@@ -196,8 +197,8 @@ class History:
                 "itl_ms": _delta_quantiles(samples, before, ITL, model),
                 "queue": _total(samples, QUEUE, model),
                 "active": _total(samples, RUNNING, model),
-                "stage_ms": _delta_means(samples, before, STAGE, model, "stage"),
-                "hop_ms": _delta_means(samples, before, HOP, model, "hop"),
+                "stage_ms": _delta_ratio(samples, before, STAGE_S, STAGE_N, model, "stage"),
+                "hop_ms": _delta_ratio(samples, before, HOP_S, HOP_N, model, "hop"),
             }
         return out
 

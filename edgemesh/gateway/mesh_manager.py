@@ -280,11 +280,20 @@ class MeshManager(Manager):
         return raw, Manifest.from_dict(json.loads(raw))
 
     def _profiles(self) -> list[dict[str, Any]]:
+        """The planner's profiles of the boxes alive and not drained: the ones
+        the records hold (what the mesh's own re-plans use, e.g. ``--boxes``
+        profiles), measured on the box for those without one."""
         from edgemesh.router.deploy import measure_profiles
 
-        drained = set(self._records().get("drained", []))
+        doc = self._records()
+        drained = set(doc.get("drained", []))
         boxes = [b for b in self._alive() if b.id not in drained]
-        return measure_profiles(self._ray, boxes)
+        recorded: dict[str, dict[str, Any]] = {}
+        for record in sorted(doc["models"].values(), key=lambda r: r.get("deployed", 0)):
+            recorded.update({p["id"]: p for p in record.get("profiles", []) if "id" in p})
+        missing = [b for b in boxes if b.id not in recorded]
+        measured = measure_profiles(self._ray, missing) if missing else []
+        return [recorded[b.id] for b in boxes if b.id in recorded] + measured
 
     def _box(self, box: str | None) -> str:
         box = box or self.head_box

@@ -1,0 +1,168 @@
+"""The management API's parts that need no model: the event log, jobs, the
+monitoring history's maths, the Grafana dashboard's metric names, and the
+API's errors and auth on a real gateway (uvicorn on loopback, httpx)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgemesh.errors import ConflictError, ModelNotFoundError
+from edgemesh.gateway import create_app
+from edgemesh.gateway.events import EventLog
+from edgemesh.gateway.history import READ, histogram_quantile
+from edgemesh.gateway.jobs import Jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAFANA = ROOT / "deploy" / "grafana" / "edgemesh.json"
+
+
+def test_event_log_is_bounded_and_numbered() -> None:
+    log = EventLog(capacity=3)
+    for i in range(5):
+        log.add("deploy", f"m{i}", model=f"m{i}")
+    assert [e.message for e in log.since(0)] == ["m2", "m3", "m4"]
+    assert [e.seq for e in log.since(4)] == [5]
+    with pytest.raises(ValueError, match="unknown event kind"):
+        log.add("party", "no")
+
+
+def test_agent_membership_log_is_merged_once_and_only_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    lines = [
+        {"kind": "join", "box_id": "pi-1", "role": "worker", "reason": "announced", "at": 10.0},
+        {
+            "kind": "crash",
+            "box_id": "pi-1",
+            "role": "worker",
+            "reason": "Ray node died",
+            "at": 20.0,
+        },
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n" + '{"kind": "head", "bo')
+    log = EventLog()
+    assert log.merge_agent_log(path) == 2
+    assert log.merge_agent_log(path) == 0  # nothing new
+    got = [(e.kind, e.box, e.level) for e in log.since(0)]
+    assert got == [("join", "pi-1", "info"), ("lost", "pi-1", "warning")]
+    assert "Ray node died" in log.since(0)[1].message
+    with open(path, "a") as f:  # the half-written line is completed
+        f.write('x_id": "nuc", "role": "head", "at": 30.0}\n')
+    assert log.merge_agent_log(path) == 1
+    assert log.since(2)[0].kind == "head"
+
+
+def test_jobs_report_failures_and_refuse_a_second_run_on_one_target() -> None:
+    failed = []
+    jobs = Jobs(on_fail=lambda job, exc: failed.append((job.target, str(exc))))
+    gate = __import__("threading").Event()
+
+    def slow(job):
+        gate.wait(10)
+        return "done it", {"x": 1}
+
+    first = jobs.start("deploy", "m", slow)
+    with pytest.raises(ConflictError, match="already running"):
+        jobs.start("undeploy", "m", slow)
+    gate.set()
+    bad = jobs.start("deploy", "n", lambda job: (_ for _ in ()).throw(ModelNotFoundError("gone")))
+    deadline = time.monotonic() + 10
+    while (first.state == "running" or bad.state == "running") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (first.state, first.message, first.result) == ("done", "done it", {"x": 1})
+    assert bad.state == "failed" and "ModelNotFoundError: gone" in bad.message
+    assert failed == [("n", "gone")]
+    assert jobs.get(first.id) is first
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    # 10 observations: 4 in (0, 0.1], 4 in (0.1, 0.5], 2 above 0.5 (+Inf)
+    buckets = [(0.1, 4.0), (0.5, 8.0), (float("inf"), 10.0)]
+    assert histogram_quantile(0.2, buckets) == pytest.approx(0.05)
+    assert histogram_quantile(0.6, buckets) == pytest.approx(0.3)
+    assert histogram_quantile(0.99, buckets) == 0.5  # in +Inf: the highest finite bound
+    assert histogram_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+
+
+def _exported_names(registry) -> set[str]:
+    """Every sample name the registry can export, from its families' types."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "summary": ("_sum", "_count", ""),
+    }
+    names = set()
+    for family in registry.collect():
+        for suffix in suffixes.get(family.type, ("",)):
+            names.add(family.name + suffix)
+    return names
+
+
+def _registry(app):
+    reg = getattr(app.state, "metrics_registry", None)
+    return reg if reg is not None else app.state.metrics.registry
+
+
+def test_grafana_dashboard_queries_only_metrics_the_gateway_exports() -> None:
+    doc = json.loads(GRAFANA.read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    used = {m for e in exprs for m in re.findall(r"\bedgemesh_[a-z_]+", e)}
+    exported = _exported_names(_registry(create_app([])))
+    assert used, "the dashboard queries no edgemesh metric"
+    assert used <= exported, f"not exported by the gateway: {sorted(used - exported)}"
+    # the page's charts read the same registry
+    assert set(READ) <= exported, sorted(set(READ) - exported)
+    for p in doc["panels"]:
+        assert p["title"] and p["datasource"]["uid"] == "${datasource}"
+
+
+def test_api_errors_are_openai_shaped_and_the_key_guards_every_route(live_server) -> None:
+    app = create_app([], api_keys=["k1"])
+    with live_server(app) as srv:
+        h = {"Authorization": "Bearer k1"}
+        for method, path in [
+            ("GET", "/api/overview"),
+            ("GET", "/api/boxes"),
+            ("POST", "/api/plan"),
+            ("POST", "/api/boxes/x/drain"),
+            ("GET", "/api/monitor"),
+        ]:
+            r = httpx.request(method, srv.url + path, json={})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        over = httpx.get(srv.url + "/api/overview", headers=h).json()
+        assert over["mode"] == "single" and over["auth"] is True and over["boxes"] == 1
+        r = httpx.post(srv.url + "/api/plan", headers=h, json={})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "package"
+        r = httpx.post(srv.url + "/api/plan", headers=h, json={"package": "/no/such/dir"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "package_not_found"
+        r = httpx.post(srv.url + "/api/boxes/x/drain", headers=h)
+        assert r.status_code == 409
+        assert r.json()["error"] == {
+            "message": r.json()["error"]["message"],
+            "type": "conflict_error",
+            "param": None,
+            "code": "not_supported_here",
+        }
+        r = httpx.delete(srv.url + "/api/models/nope", headers=h)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = httpx.get(srv.url + "/api/jobs/nope", headers=h)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+        r = httpx.get(srv.url + "/api/monitor?window_s=abc", headers=h)
+        assert r.status_code == 400
+        box = httpx.get(srv.url + "/api/boxes", headers=h).json()["boxes"][0]
+        assert box["live"]["memory_used_bytes"] > 0 and box["engines"]
+        events = httpx.get(srv.url + "/api/events", headers=h).json()
+        assert events["events"][0]["kind"] == "start"
+        assert (
+            httpx.get(srv.url + "/api/events?since=" + str(events["next"]), headers=h).json()[
+                "events"
+            ]
+            == []
+        )
