@@ -54,6 +54,12 @@ def install(app: FastAPI) -> None:
         )
         components = doc.setdefault("components", {}).setdefault("schemas", {})
         components.update(defs.get("$defs", {}))
+        names = sorted(getattr(app.state, "services", {}))
+        for model in BODIES.values():
+            props = components.get(model.__name__, {}).get("properties", {})
+            if "model" in props and names:
+                # The models this gateway serves: what a client (or a fuzzer) may name.
+                props["model"] = {**props["model"], "enum": names}
         components["Error"] = _ERROR
         for path, model in BODIES.items():
             op = doc.get("paths", {}).get(path, {}).get("post")
