@@ -161,6 +161,12 @@ class RequestError(EdgemeshError):
 class ContextOverflowError(RequestError):
     status = 400
 
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str = "context_length_exceeded"
+    ) -> None:
+        # Always a code (OpenAI's), so clients (edgemesh.Client) can tell it apart.
+        super().__init__(message, param=param, code=code)
+
 
 class OverloadedError(RequestError):
     status = 429
