@@ -208,7 +208,7 @@ def test_dashboard_shows_this_box_the_shard_map_and_live_counters(
     import platform
 
     page = httpx.get(server + "/dashboard")
-    assert page.status_code == 200 and "dashboard/state" in page.text
+    assert page.status_code == 200 and "dashboard/static/dashboard.js" in page.text
     before = httpx.get(server + "/dashboard/state").json()
     (box,) = before["boxes"]
     assert box["summary"]["arch"] == platform.machine() and box["health"] == "ok"

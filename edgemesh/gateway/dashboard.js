@@ -265,25 +265,36 @@ function drawChart(canvas, series, unit) {
   ctx.fillStyle = "#6b7385"; ctx.font = `${11 * dpr}px system-ui`;
   if (!pts.length) { ctx.fillText("no data in this window yet", 8 * dpr, h / 2); return; }
   const t0 = Math.min(...pts.map(p => p[0])), t1 = Math.max(...pts.map(p => p[0]), t0 + 1);
-  const top = Math.max(1e-9, ...pts.map(p => p[1])) * 1.1;
-  const left = 44 * dpr, bottom = h - 14 * dpr;
+  const peak = Math.max(...pts.map(p => p[1]));
+  const top = (peak > 0 ? peak : 1) * 1.1;
+  const left = 52 * dpr, bottom = h - 16 * dpr;
   ctx.strokeStyle = "#e3e6ee"; ctx.lineWidth = dpr;
   for (let i = 0; i <= 2; i++) {
     const y = bottom - (bottom - 4 * dpr) * i / 2;
     ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(w, y); ctx.stroke();
-    ctx.fillText((top * i / 2).toPrecision(3) + (i ? "" : " " + unit), 2 * dpr, y + 3 * dpr);
+    ctx.fillText(i ? Number((top * i / 2).toPrecision(3)).toString() : "0 " + unit, 2 * dpr, y + 3 * dpr);
   }
   ctx.fillText(clock(t0), left, h - 2 * dpr);
-  ctx.fillText(clock(t1), w - 60 * dpr, h - 2 * dpr);
+  ctx.textAlign = "right"; ctx.fillText(clock(t1), w - 2 * dpr, h - 2 * dpr); ctx.textAlign = "left";
   series.forEach((s, k) => {
     ctx.strokeStyle = s.color || palette[k % palette.length]; ctx.lineWidth = 2 * dpr; ctx.beginPath();
     let started = false;
+    const xy = (t, v) => [left + (w - left - 4 * dpr) * (t - t0) / (t1 - t0), bottom - (bottom - 4 * dpr) * v / top];
     for (const [t, v] of s.points) {
       if (v == null) { started = false; continue; }
-      const x = left + (w - left) * (t - t0) / (t1 - t0), y = bottom - (bottom - 4 * dpr) * v / top;
+      const [x, y] = xy(t, v);
       started ? ctx.lineTo(x, y) : ctx.moveTo(x, y); started = true;
     }
     ctx.stroke();
+    // A point with no neighbour (one request in its interval) still shows, as a dot.
+    ctx.fillStyle = ctx.strokeStyle;
+    s.points.forEach(([t, v], i) => {
+      const prev = s.points[i - 1], next = s.points[i + 1];
+      if (v == null || (prev && prev[1] != null) || (next && next[1] != null)) return;
+      const [x, y] = xy(t, v);
+      ctx.beginPath(); ctx.arc(x, y, 3 * dpr, 0, 2 * Math.PI); ctx.fill();
+    });
+    ctx.fillStyle = "#6b7385";
   });
 }
 
@@ -327,7 +338,8 @@ function renderMonitoring() {
 // -- events ------------------------------------------------------------------
 
 function renderEvents() {
-  $("events").innerHTML = state.events.slice().reverse().map(e => `<tr class="event ${esc(e.level)}" data-kind="${esc(e.kind)}">
+  // Newest first by time: the agent's membership events arrive after the fact.
+  $("events").innerHTML = state.events.slice().sort((a, b) => b.at - a.at || b.seq - a.seq).map(e => `<tr class="event ${esc(e.level)}" data-kind="${esc(e.kind)}">
     <td>${clock(e.at)}</td><td class="${e.level === "info" ? "" : e.level === "warning" ? "warn" : "bad"}">${esc(e.kind)}</td>
     <td>${esc(e.box || "")}</td><td>${esc(e.model || "")}</td><td>${esc(e.message)}</td></tr>`).join("");
 }
@@ -372,7 +384,10 @@ async function refresh() {
     if (n === "packages") state.packages = v.packages;
     if (n === "v2" && !state.graphs.length) state.graphs = Array.isArray(v) ? v : (v.models || []);
     if (n === "monitor") state.monitor = v;
-    if (n === "events") { state.events = state.events.concat(v.events).slice(-1000); state.eventSeq = v.next; }
+    if (n === "events") {  // polls overlap: keep each event once
+      state.events = state.events.concat(v.events.filter(e => e.seq > state.eventSeq)).slice(-1000);
+      state.eventSeq = Math.max(state.eventSeq, v.next);
+    }
   });
   if (failed) showError(failed); else if (!state.job || state.job.state !== "failed") showError(null);
   render();

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         deploy = [
             "deploy", str(args.model), "--name", "gemma", "--state-dir", str(head.state),
             "--port", str(PORT), "--json", "--boxes", str(profiles), "--plan", str(plan_file),
+            "--host", "mesh",  # this script talks to the gateway from outside the head
         ]  # fmt: skip
         print("deploying...")
         out = head.edgemesh(*deploy)
