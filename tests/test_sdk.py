@@ -37,6 +37,8 @@ pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'ed
 openai = pytest.importorskip("openai", reason="the answers are compared with the openai client")
 
 KEY = "sdk-test-key"
+DOCS_KEY = "my-key"  # the key docs/SDK.md's examples use
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
 GRAPH = "cls"
 
@@ -68,7 +70,7 @@ def gateway(graph_package: Path) -> Iterator[str]:
         graph_package, GraphServeOptions(backend="onnxruntime", precision="fp32", threads=1)
     )
     try:
-        with LiveServer(create_app([llm], api_keys=[KEY], graphs=[graph])) as live:
+        with LiveServer(create_app([llm], api_keys=[KEY, DOCS_KEY], graphs=[graph])) as live:
             yield live.url
     finally:
         llm.close()
@@ -282,3 +284,27 @@ def test_an_error_inside_a_stream_raises_its_class() -> None:
         assert next(stream).text == "Hel"
         with pytest.raises(em.BoxLostError, match="lost mid-generation"):
             next(stream)
+
+
+def _doc_examples() -> list[str]:
+    text = (ROOT / "docs" / "SDK.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_every_docs_example_runs_against_the_gateway(gateway: str, capsys) -> None:
+    """docs/SDK.md's examples, as written, with the test server's URL and package."""
+    examples = _doc_examples()
+    assert len(examples) == 5
+    package = str(shared_tiny_package("qwen3"))
+    outputs = []
+    for i, code in enumerate(examples):
+        code = code.replace("http://127.0.0.1:8000", gateway).replace("./tiny-qwen3", package)
+        exec(compile(code, f"docs/SDK.md example {i + 1}", "exec"), {"__name__": "__main__"})
+        outputs.append(capsys.readouterr().out)
+    chat, async_, graph, site, errors_ = outputs
+    assert chat.startswith("['tiny']") and "length" in chat
+    assert async_.strip() and "(1, 10)" in graph
+    assert site.startswith("single [(") and "done" in site
+    assert (
+        "not served: model_not_found" in errors_ and "too long: context_length_exceeded" in errors_
+    )
