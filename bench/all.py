@@ -35,6 +35,7 @@ def steps(package: Path) -> list[tuple[str, list[str], str | None]]:
         ("llamacpp_rpc", ["edgemesh.bench.llamacpp_rpc", "--package", pkg], None),
         ("mesh", ["edgemesh.bench.mesh", "--package", pkg], root),
         ("memory", ["edgemesh.bench.memory", "--package", pkg], root),
+        ("vision", ["edgemesh.bench.vision"], None),  # graph models; needs no package
     ]
 
 

@@ -482,6 +482,12 @@ def figure_mesh() -> str:
     return out + _provenance(result) + _load_line(result)
 
 
+def figure_vision() -> str:
+    from edgemesh.bench import vision  # graph models; its own module renders its section
+
+    return vision.figure(_load("vision"))
+
+
 FIGURES: list[Callable[[], str]] = [
     figure_single,
     figure_pipeline,
@@ -489,6 +495,7 @@ FIGURES: list[Callable[[], str]] = [
     figure_planner,
     figure_memory,
     figure_mesh,
+    figure_vision,
 ]
 
 HEADER = """# Benchmarks

@@ -97,6 +97,22 @@ def throughput(
         typer.echo(bench_throughput.render(result))
 
 
+@app.command("vision")
+def vision(
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="mobilenet_v3_small, resnet18 or tiny_detector (repeat)."),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per engine at batch 1.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+) -> None:
+    """Graph models: p50/p99 and best-batch images/s per engine and precision vs PyTorch eager."""
+    from edgemesh.bench import vision as bench_vision
+
+    argv = ["--runs", str(runs)] + (["--models", *models] if models else [])
+    bench_vision.main(argv + (["--out", str(out)] if out else []))
+
+
 @app.command("all")
 def all_benchmarks(
     only: Annotated[
