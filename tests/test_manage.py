@@ -76,6 +76,7 @@ def test_jobs_report_failures_and_refuse_a_second_run_on_one_target() -> None:
         time.sleep(0.02)
     assert (first.state, first.message, first.result) == ("done", "done it", {"x": 1})
     assert bad.state == "failed" and "ModelNotFoundError: gone" in bad.message
+    assert bad.to_dict()["error"] == "ModelNotFoundError" and first.to_dict()["error"] is None
     assert failed == [("n", "gone")]
     assert jobs.get(first.id) is first
 

@@ -35,6 +35,8 @@ class Job:
     finished: float | None = None
     message: str = ""
     result: Any = None
+    error: str | None = None
+    """The ``edgemesh.errors`` class name of a failure (what the SDK raises again)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class Job:
             "finished": self.finished,
             "message": self.message,
             "result": self.result,
+            "error": self.error,
         }
 
 
@@ -89,6 +92,7 @@ class Jobs:
             if not isinstance(exc, EdgemeshError):
                 log.exception("%s of %s failed", job.kind, job.target)
             job.message, job.state = f"{type(exc).__name__}: {exc}", FAILED
+            job.error = type(exc).__name__
             if self._on_fail is not None:
                 self._on_fail(job, exc)
         finally:
