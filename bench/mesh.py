@@ -247,6 +247,8 @@ def run(
     out: Path | None = None,
     logs_dir: str = "/tmp/edgemesh-bench-mesh-logs",
     package: Path | None = None,
+    subnet: str = "10.79.0",
+    prefix: str = "emb",
 ) -> dict[str, Any]:
     from edgemesh import models
     from edgemesh.bench.netns import skip_reason
@@ -299,7 +301,7 @@ def run(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2) + "\n")
 
-    lab = MeshLab([BoxLimits()] * 3, subnet="10.79.0", prefix="emb", mesh="benchmesh")
+    lab = MeshLab([BoxLimits()] * 3, subnet=subnet, prefix=prefix, mesh="benchmesh")
 
     def phase(name: str, fn: Any) -> Any:
         """Run one phase; a failure is recorded (with the lab's logs kept) and the
@@ -391,8 +393,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--package", type=Path, default=None, help="converted package (default: the default model)"
     )
+    ap.add_argument("--subnet", default="10.79.0", help="the lab's /24 (first three octets)")
+    ap.add_argument("--prefix", default="emb", help="3-letter prefix of the lab's namespaces")
     args = ap.parse_args(argv)
     result = run(
+        subnet=args.subnet,
+        prefix=args.prefix,
         tokens=args.tokens,
         long_tokens=args.long_tokens,
         precision=args.precision,
