@@ -197,8 +197,9 @@ def test_status_plan_deploy_and_undeploy_through_the_management_api(client: Clie
     two = {**plan, "stages": [plan["stages"][0], plan["stages"][0]]}
     with pytest.raises(em.EdgemeshError) as err:
         client.deploy(package, name="tiny3", plan=two)
-    assert isinstance(err.value, (JobFailedError, em.ConflictError))
-    assert err.value.job.state == "failed" and "2 stages" in str(err.value)
+    assert type(err.value) is em.ConflictError and not isinstance(err.value, JobFailedError)
+    assert err.value.job.state == "failed" and err.value.job.error == "ConflictError"
+    assert "2 stages" in str(err.value)
 
 
 def test_errors_come_back_as_the_server_raised_them(client: Client, gateway: str) -> None:
