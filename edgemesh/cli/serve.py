@@ -65,6 +65,18 @@ def command(
     max_accuracy_loss: Annotated[
         float, typer.Option(help="Graph models: accuracy budget of the precision choice.")
     ] = 0.10,
+    replica: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--replica",
+            help="Graph models: another box's gateway (http://HOST:PORT) serving the same "
+            "package; requests are balanced by queue depth and retried if a box is lost.",
+        ),
+    ] = None,
+    replicas: Annotated[
+        str, typer.Option(help="Graph models with --replica: 'auto' (boxes within 2x of the "
+                          "fastest's measured p50) or how many.")
+    ] = "auto",
 ) -> None:
     """Serve a model from this box alone (OpenAI API: /v1/completions, /v1/chat/completions)."""
     import uvicorn
@@ -85,6 +97,11 @@ def command(
             graph_dirs, threads, backend, precision, max_batch, max_queue_delay_ms, max_queue,
             max_accuracy_loss,
         )
+    if replica:
+        if not graphs:
+            raise typer.BadParameter("--replica needs --model DIR of a graph package")
+        with user_errors():
+            graphs[0] = _replica_set(graphs[0], replica, replicas)
     if graphs and model is None and not graph:
         _serve(create_app([], api_keys=api_key or (), graphs=graphs), graphs, host, port, log_level)
         return
@@ -145,14 +162,44 @@ def _graph_services(
     ]
 
 
+def _replica_set(local, urls: list[str], replicas: str):
+    """This box's service plus the other boxes' replicas, chosen by their measured p50."""
+    import httpx
+
+    from edgemesh.errors import ConfigError
+    from edgemesh.graph.placement import Candidate, choose_replicas
+    from edgemesh.graph.replicas import LocalReplica, RemoteReplica, ReplicaSet
+
+    found = {"local": (LocalReplica(local), local.measured_p50_ms)}
+    for url in urls:
+        url = url.rstrip("/")
+        try:
+            stats = httpx.get(f"{url}/v2/models/{local.name}/stats", timeout=10).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ConfigError(f"replica {url} does not serve '{local.name}': {exc}") from exc
+        found[url] = (RemoteReplica(url, local.name), stats["edgemesh"].get("measured_p50_ms"))
+    count = None if replicas == "auto" else int(replicas)
+    chosen = choose_replicas([Candidate(k, p50) for k, (_, p50) in found.items()], count)
+    typer.echo(
+        "replicas of '" + local.name + "': "
+        + ", ".join(f"{c.box} ({c.p50_ms} ms)" for c in chosen),
+        err=True,
+    )
+    return ReplicaSet(local.name, local.manifest, [found[c.box][0] for c in chosen])
+
+
 def _serve(app, graphs: list, host: str, port: int, log_level: str) -> None:
     import uvicorn
 
     for g in graphs:
         info = g.info
+        how = (
+            f"{info['backend']}/{info['precision']}; {info['chosen_by']}"
+            if "backend" in info
+            else f"{len(info['replicas'])} replicas"
+        )
         typer.echo(
-            f"serving graph '{g.name}' on http://{host}:{port}/v2/models/{g.name} "
-            f"({info['backend']}/{info['precision']}; {info['chosen_by']})",
+            f"serving graph '{g.name}' on http://{host}:{port}/v2/models/{g.name} ({how})",
             err=True,
         )
     try:

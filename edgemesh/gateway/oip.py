@@ -41,6 +41,7 @@ from edgemesh.graph.tensors import numpy_dtype
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+QUEUE_HEADER = "Edgemesh-Queue-Depth"
 EXTENSIONS = ["binary_tensor_data", "model_repository_metadata_subset", "statistics"]
 
 
@@ -62,7 +63,8 @@ def oip_error(exc: EdgemeshError) -> JSONResponse:
 
 def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
     """Add the /v2 routes serving ``graphs`` (``GraphService``-like objects:
-    ``name``, ``metadata()``, ``async infer(feeds)``, ``queue_depth``, ``info``)."""
+    ``name``, ``metadata()``, ``config()``, ``stats()``, ``async infer(feeds)``,
+    ``queue_depth``, ``info``; a ``ReplicaSet`` is one too)."""
     app.state.graphs = {g.name: g for g in graphs}
 
     def model(name: str) -> Any:
@@ -104,22 +106,7 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
             g = model(m)
         except EdgemeshError as exc:
             return oip_error(exc)
-        b = g.batcher.options
-        meta = g.metadata()
-        return JSONResponse(
-            {
-                "name": g.name,
-                "platform": meta["platform"],
-                "max_batch_size": b.max_batch if g.batcher.batchable else 0,
-                "dynamic_batching": {
-                    "max_queue_delay_microseconds": int(b.max_queue_delay_ms * 1000),
-                    "max_queue_size": b.max_queue,
-                },
-                "input": meta["inputs"],
-                "output": meta["outputs"],
-                "parameters": {"edgemesh": g.info},
-            }
-        )
+        return JSONResponse(g.config())
 
     async def stats(m: str) -> Response:
         try:
@@ -136,7 +123,10 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
             if unknown := [n for n in binary_out if n not in names]:
                 raise TensorError(f"model '{m}' has no outputs {unknown}; it has {names}")
             outputs = await g.infer(feeds)
-            return encode_infer(g.name, header, outputs, binary_out)
+            response = encode_infer(g.name, header, outputs, binary_out)
+            # What a gateway balancing over replicas reads (tritonclient ignores it).
+            response.headers[QUEUE_HEADER] = str(g.queue_depth)
+            return response
         except EdgemeshError as exc:
             return oip_error(exc)
 
@@ -149,13 +139,8 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
 
 
 def _stats(g: Any) -> dict[str, Any]:
-    return {
-        "name": g.name,
-        "ready": True,
-        "queue_depth": g.queue_depth,
-        **g.batcher.stats.to_dict(),
-        "edgemesh": g.info,
-    }
+    return {"name": g.name, "ready": True, "queue_depth": g.queue_depth, **g.stats(),
+            "edgemesh": g.info}
 
 
 def parse_infer(

@@ -55,6 +55,7 @@ class GraphService:
         self.choice = choice
         self.created = int(time.time())
         self.engine_accuracy: Any = None
+        self.measured_p50_ms: float | None = None
         """This box's engine measured on the eval samples (None: onnxruntime, whose
         figures are the manifest's)."""
         batchable = all(s.batched for s in manifest.inputs)
@@ -80,6 +81,7 @@ class GraphService:
             if self.engine_accuracy is None
             else self.engine_accuracy.__dict__,
             "compiled_from": getattr(self.backend, "compiled_from", "onnx"),
+            "measured_p50_ms": self.measured_p50_ms,
         }
 
     def validate(self, feeds: dict[str, np.ndarray]) -> None:
@@ -131,6 +133,26 @@ class GraphService:
             ],
         }
 
+    def config(self) -> dict[str, Any]:
+        """Triton-style model configuration (``GET /v2/models/{m}/config``)."""
+        b = self.batcher.options
+        meta = self.metadata()
+        return {
+            "name": self.name,
+            "platform": meta["platform"],
+            "max_batch_size": b.max_batch if self.batcher.batchable else 0,
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(b.max_queue_delay_ms * 1000),
+                "max_queue_size": b.max_queue,
+            },
+            "input": meta["inputs"],
+            "output": meta["outputs"],
+            "parameters": {"edgemesh": self.info},
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return self.batcher.stats.to_dict()
+
     def close(self) -> None:
         self.batcher.close()
         self.backend.close()
@@ -175,7 +197,22 @@ def load_graph_service(path: Path | str, options: GraphServeOptions | None = Non
         options.name or manifest.name, root, manifest, backend, choice, options.batching
     )
     service.engine_accuracy = acc
+    service.measured_p50_ms = _time_one(backend, manifest)
     return service
+
+
+def _time_one(backend: Any, manifest: GraphManifest, runs: int = 5) -> float | None:
+    """p50 of ``runs`` batch-1 calls after one warm-up: what placement compares."""
+    if any(-1 in s.concrete(1, fill=-1) for s in manifest.inputs):
+        return None  # a dynamic non-batch axis: no one size to time at
+    feeds = {s.name: np.zeros(s.concrete(1), s.dtype) for s in manifest.inputs}
+    backend.run(feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        backend.run(feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(float(np.median(times)), 3)
 
 
 def _open_backend(
