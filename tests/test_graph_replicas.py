@@ -94,6 +94,8 @@ def test_placement_keeps_the_boxes_that_serve_it_best() -> None:
     assert [c.box for c in choose_replicas(boxes)] == ["jetson", "nuc"]  # within 2x of 3.5
     assert [c.box for c in choose_replicas(boxes, 3)] == ["jetson", "nuc", "pi"]
     assert [c.box for c in choose_replicas(boxes, 4)][-1] == "old"
+    fast = [Candidate("a", 0.2), Candidate("b", 0.9), Candidate("c", 1.5)]
+    assert [c.box for c in choose_replicas(fast)] == ["a", "b"]  # within 1 ms: noise
     with pytest.raises(PlanError, match="5 replicas asked for but only 4"):
         choose_replicas(boxes, 5)
     with pytest.raises(PlanError, match="no box"):

@@ -6,7 +6,9 @@ reports it in ``/v2/models/{m}/stats``. ``choose_replicas`` keeps the boxes
 that serve it best:
 
 * ``replicas=None`` ("auto"): every box within ``slack`` x the fastest box's
-  p50 (a box 3x slower would only add tail latency to the requests it gets);
+  p50, or within ``AUTO_MARGIN_MS`` of it (sub-millisecond models: timing
+  noise, not hardware); a box 3x slower would only add tail latency to the
+  requests it gets;
 * ``replicas=N``: the N fastest.
 
 Boxes that could not time it (``None``) come last, in the given order.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from edgemesh.errors import PlanError
 
 AUTO_SLACK = 2.0
+AUTO_MARGIN_MS = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,4 +52,5 @@ def choose_replicas(
     if not timed:
         return ranked
     best = timed[0].p50_ms or 0.0
-    return [c for c in timed if (c.p50_ms or 0.0) <= best * slack]
+    limit = max(best * slack, best + AUTO_MARGIN_MS)
+    return [c for c in timed if (c.p50_ms or 0.0) <= limit]
