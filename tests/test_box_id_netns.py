@@ -22,9 +22,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
+from edgemesh import Client
 from edgemesh.bench.meshlab import MeshBox, formed, wait_until
 from edgemesh.bench.netns import NetnsLab, skip_reason
 from edgemesh.mesh.config import read_json
@@ -121,15 +121,13 @@ def test_same_hostname_boxes_mesh_with_default_flags_and_deploy_waits(lab: Netns
             assert kept["box_id"] == b.id
             assert f"box {b.id} (derived) joining mesh" in b.log_tail(20000)
 
-        # -- the deployed model answers through the head's gateway --------------
-        chat = httpx.post(
-            f"{record['gateway']}/chat/completions",
-            json={"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
-                  "max_tokens": 4, "temperature": 0},
-            timeout=300,
-        )  # fmt: skip
-        assert chat.status_code == 200, chat.text
-        assert chat.json()["usage"]["completion_tokens"] >= 1
+        # -- the deployed model answers through the head's gateway (the SDK) ----
+        with Client(record["gateway"], timeout_s=300) as sdk:
+            chat = sdk.chat("tiny", "Hello", max_tokens=4, temperature=0)
+            assert chat.usage is not None and chat.usage.completion_tokens == 4
+            status = sdk.status()  # the mesh gateway's management API
+            assert status.mode == "mesh" and status.head == head_id
+            assert sorted(b["id"] for b in status.boxes) == sorted(ids)
     finally:
         for b in boxes:
             b.leave()
