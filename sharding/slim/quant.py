@@ -17,7 +17,12 @@ at int8, which also covers anything the 4-bit pass did not take.
   (``onnxruntime.quantization.neural_compressor.gptq_quantize``), the
   algorithm behind its ``GPTQWeightOnlyQuantConfig``; called directly so
   the sensitive matrices can be marked ``"fp32"`` (the quantizer class
-  ignores ``nodes_to_exclude`` for GPTQ).
+  ignores ``nodes_to_exclude`` for GPTQ). Asymmetric (a 4-bit zero point
+  per block: +4 bits per 32 weights, ~2% of an int4 layer): its symmetric
+  path re-derives each block's scale from the already-rounded weights, and a
+  block whose largest weight rounded to -8 lands on another grid, which gave
+  the default model's first layer 8x the output error of RTN (asymmetric:
+  1.9x; docs/SLIMMING.md).
 * ``rtn``: ``quantize.to_precision(piece, "int4")``, the package's own
   int4, for comparison.
 """
@@ -37,6 +42,7 @@ from edgemesh.sharding.slim.activations import Sample
 log = logging.getLogger(__name__)
 
 METHODS = ("awq", "gptq", "rtn")
+GPTQ_SCHEME = "asym"
 BITS = 4
 BLOCK = QUANT["int4"].block_size
 ACCURACY_LEVEL = QUANT["int4"].accuracy_level
@@ -119,7 +125,9 @@ def _gptq(model: Any, samples: list[Sample], four: list[str], keep: list[str]) -
     require("onnxruntime", "onnx")
     from onnxruntime.quantization.neural_compressor import gptq_quantize
 
-    config: dict[str, Any] = {n: {"bits": BITS, "group_size": BLOCK, "scheme": "sym"} for n in four}
+    config: dict[str, Any] = {
+        n: {"bits": BITS, "group_size": BLOCK, "scheme": GPTQ_SCHEME} for n in four
+    }
     config.update({n: "fp32" for n in keep})
     with contextlib.redirect_stdout(sys.stderr):  # its progress bar prints to stdout
         result = gptq_quantize(
@@ -128,7 +136,7 @@ def _gptq(model: Any, samples: list[Sample], four: list[str], keep: list[str]) -
             weight_config=config,
             num_bits=BITS,
             group_size=BLOCK,
-            scheme="sym",
+            scheme=GPTQ_SCHEME,
             n_samples=-1,
             percdamp=0.01,
             blocksize=128,

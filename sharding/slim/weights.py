@@ -98,6 +98,7 @@ def slim_weights(
             "window": WINDOW,
             "windows": len(wins),
             "sensitive_bits": 8,
+            "scheme": quant.GPTQ_SCHEME if method == "gptq" else "sym",
         }
         return finish(
             draft,
