@@ -132,7 +132,16 @@ def test_mesh_dashboard_lists_every_box_deploys_and_shows_a_lost_box(
             assert planned.count() == 2  # over both boxes
             page.fill("#deploy-name", "tiny2")
             page.click("#deploy-go")
-            page.wait_for_selector("#job.done", timeout=300_000)
+            page.wait_for_selector("#job.done, #job.failed", timeout=300_000)
+            job = page.inner_text("#job")
+            assert "done" in job, job
+
+            def served() -> bool:
+                r = httpx.get(base + "/api/models", timeout=30)
+                assert r.status_code == 200, r.text
+                return "tiny2" in {m["name"] for m in r.json()["models"]}
+
+            wait_until(served, 60, lambda: httpx.get(base + "/api/models", timeout=30).text)
             page.locator(".model[data-model=tiny2] .shardmap div").nth(1).wait_for()
             client = openai.OpenAI(base_url=record["gateway"], api_key="unused", timeout=300)
             out2 = client.completions.create(model="tiny2", prompt="hello", max_tokens=6)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LIVE_PERIOD_S = 2.0
 LIVE_TIMEOUT_S = 3.0
+STALE_S = 15.0
 PACKAGES_TIMEOUT_S = 10.0
 
 
@@ -90,6 +91,23 @@ class MeshManager(Manager):
         self._live_lock = threading.Lock()
         self._halt = threading.Event()
         threading.Thread(target=self._poll_live, name="edgemesh-live", daemon=True).start()
+
+    def attach(self, app: Any) -> None:
+        super().attach(app)
+        # What the records already hold: the deploys made before this gateway
+        # started (by `edgemesh deploy`, or on another head).
+        try:
+            for name, record in sorted(self._records()["models"].items()):
+                where = ", ".join(f"{st['box']} {st['layers']}" for st in record.get("stages", []))
+                self.events.add(
+                    "deploy",
+                    f"'{name}' deployed from {record.get('origin_box')}: {where}",
+                    model=name,
+                    box=record.get("origin_box"),
+                    at=float(record.get("deployed") or time.time()),
+                )
+        except Exception as exc:  # the log is a convenience: serving goes on
+            log.warning("could not read the deployment records for the event log: %r", exc)
 
     # -- what the head knows ------------------------------------------------
 
@@ -175,30 +193,39 @@ class MeshManager(Manager):
         return {"boxes": rows, "lost": lost}
 
     def _poll_live(self) -> None:
+        """Ask every alive box for its readings; a box keeps at most one call
+        in flight (a slow box, e.g. starting its first Ray worker, is never
+        cancelled and asked again), and its last reading stays until a new
+        one comes, flagged once it is ``STALE_S`` old."""
         task = self._ray.remote(this_box_live)
+        pending: dict[str, tuple[Any, float]] = {}
         while not self._halt.wait(LIVE_PERIOD_S):
             try:
-                boxes = [b.id for b in self._alive()]
-                refs = {
-                    b: task.options(resources={f"box:{b}": 0.001}, num_cpus=0).remote()
-                    for b in boxes
-                }
-                ready, _ = self._ray.wait(
-                    list(refs.values()), num_returns=len(refs), timeout=LIVE_TIMEOUT_S
-                )
-                done = {r.hex() for r in ready} if ready else set()
-                fresh: dict[str, dict[str, Any]] = {}
-                for box, ref in refs.items():
-                    if ref.hex() not in done:
-                        fresh[box] = {"error": f"no answer in {LIVE_TIMEOUT_S:.0f} s"}
-                        self._ray.cancel(ref, force=True)
-                        continue
-                    try:
-                        fresh[box] = self._ray.get(ref)
-                    except Exception as exc:  # the box went away mid-call
-                        fresh[box] = {"error": f"{type(exc).__name__}: {exc}"}
+                alive = {b.id for b in self._alive()}
+                now = time.monotonic()
+                for box in alive - set(pending):
+                    ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote()
+                    pending[box] = (ref, now)
+                for box in set(pending) - alive:
+                    del pending[box]  # gone: its call fails or never ends
+                refs = [ref for ref, _ in pending.values()]
+                ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=LIVE_TIMEOUT_S)
+                done = {r.hex() for r in ready}
                 with self._live_lock:
-                    self._live = fresh
+                    for box in list(self._live):
+                        if box not in alive:
+                            del self._live[box]
+                    for box, (ref, since) in list(pending.items()):
+                        if ref.hex() in done:
+                            del pending[box]
+                            try:
+                                self._live[box] = self._ray.get(ref)
+                            except Exception as exc:  # the box went away mid-call
+                                self._live[box] = {"error": f"{type(exc).__name__}: {exc}"}
+                        elif now - since > STALE_S:
+                            got = dict(self._live.get(box, {}))
+                            got["error"] = f"no answer for {now - since:.0f} s"
+                            self._live[box] = got
             except Exception:  # keep polling; the page shows the last readings
                 log.exception("live readings of the boxes failed")
 
