@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,7 +17,13 @@ def command(
         str | None,
         typer.Option(help="A .gguf file or converted package folder; default: gemma-3-270m."),
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. The default, 127.0.0.1, is this box only; "
+            "--host 0.0.0.0 opens the API and the dashboard to the network (set --api-key)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[
         list[str] | None,
@@ -83,6 +89,7 @@ def command(
 
     from edgemesh import models
     from edgemesh.gateway import create_app
+    from edgemesh.gateway.manager import LocalManager
     from edgemesh.local import LocalOptions, load_service
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -119,7 +126,13 @@ def command(
                 chat_template=chat_template,
             ),
         )
-    app = create_app([service], api_keys=api_key or (), graphs=graphs)
+    app = create_app(
+        [service],
+        api_keys=api_key or (),
+        graphs=graphs,
+        manager=LocalManager(_local_options(threads, context, max_sequences, max_queue)),
+    )
+    _warn_if_open(host, api_key)
     runtime = "/".join(str(service.info[k]) for k in ("backend", "precision") if k in service.info)
     typer.echo(
         f"serving '{service.name}' on http://{host}:{port}/v1 "
@@ -209,7 +222,6 @@ def _serve(app, graphs: list, host: str, port: int, log_level: str) -> None:
             g.close()
 
 
-
 def _default_threads() -> int:
     from edgemesh.errors import EdgemeshError
 
@@ -220,3 +232,25 @@ def _default_threads() -> int:
     except (ImportError, KeyError, EdgemeshError):
         # A fingerprint problem must not stop serving: fall back to the affinity mask.
         return len(os.sched_getaffinity(0))
+
+
+def _local_options(threads: int | None, context: int, max_sequences: int, max_queue: int) -> Any:
+    """The options models deployed from the dashboard open with (the planner
+    picks their backend and precision)."""
+    from edgemesh.local import LocalOptions
+
+    return LocalOptions(
+        threads=threads or _default_threads(),
+        context_length=context,
+        max_sequences=max_sequences,
+        max_queue=max_queue,
+    )
+
+
+def _warn_if_open(host: str, api_key: list[str] | None) -> None:
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: listening on {host} without --api-key: anyone who can reach this box "
+            "can deploy and undeploy models from the dashboard",
+            err=True,
+        )
