@@ -69,7 +69,7 @@ def test_penalties_lower_seen_tokens() -> None:
     [
         {"temperature": 2.5},
         {"top_p": 0.0},
-        {"max_tokens": 0},
+        {"max_tokens": -1},
         {"top_k": -1},
         {"presence_penalty": 3.0},
     ],
@@ -77,3 +77,44 @@ def test_penalties_lower_seen_tokens() -> None:
 def test_bad_parameters_raise_request_errors(kwargs: dict) -> None:
     with pytest.raises(RequestError):
         SamplingParams(**kwargs)
+
+
+def test_grammar_mask_allows_only_its_tokens_even_at_high_temperature() -> None:
+    import pickle
+
+    from edgemesh.pipeline import Pick
+
+    logits = _logits(vocab=1000)
+    allowed = [3, 64, 999]
+    bits = np.zeros((1000 + 31) // 32, dtype=np.uint32)
+    for t in allowed:
+        bits[t // 32] |= np.uint32(1 << (t % 32))
+    params = SamplingParams(temperature=2.0, logprobs=2)
+    picks = [Pick(params, seed=1, step=s, allowed=bits) for s in range(200)]
+    # Picks cross Ray to the last stage: they must survive pickling unchanged.
+    picks = [pickle.loads(pickle.dumps(p)) for p in picks]
+    out = [p.apply(logits[None]) for p in picks]
+    assert {o.token for o in out} == set(allowed)
+    for o in out:
+        assert len(o.top) == 2 and {t for t, _ in o.top} <= set(allowed)
+        probs = np.exp(logits[allowed] - logits[allowed].max())
+        expected = np.log(probs[allowed.index(o.token)] / probs.sum())
+        assert o.logprob == pytest.approx(expected, abs=1e-4)  # renormalised over the mask
+
+
+def test_logit_bias_and_prompt_scoring() -> None:
+    from edgemesh.pipeline import Pick
+    from edgemesh.sampling import apply_logit_bias, logprobs_of
+
+    logits = _logits(vocab=50)
+    biased = apply_logit_bias(logits, ((7, 100.0), (10**6, 5.0)))
+    assert int(np.argmax(biased)) == 7 and np.array_equal(logits, _logits(vocab=50))
+    rows = np.stack([_logits(50, seed=s) for s in range(3)])  # [S, V]
+    pick = Pick(SamplingParams(temperature=0.0, logprobs=1), 0, 0, score=np.array([4, 9]))
+    got = pick.apply(rows)
+    assert [s[0] for s in got.scored] == pytest.approx(
+        [logprobs_of(rows[0], 4, 0)[0], logprobs_of(rows[1], 9, 0)[0]]
+    )
+    assert got.token == int(np.argmax(rows[-1]))
+    with pytest.raises(RequestError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 500.0),))

@@ -170,8 +170,10 @@ class _LiveCollector:
                 stage_calls.add_metric(labels, st.get("calls", 0))
                 stage_busy.add_metric(labels, st.get("busy_s", 0.0))
                 if "hop_s" in st:
-                    hop.add_metric([name, f"{st['stage'] - 1}->{st['stage']}"], st["hop_s"])
-                    hops.add_metric([name, f"{st['stage'] - 1}->{st['stage']}"], st["hops"])
+                    k = int(st["stage"])
+                    edge = f"{k - 1}->{k}" if k else "gateway->0"
+                    hop.add_metric([name, edge], st["hop_s"])
+                    hops.add_metric([name, edge], st["hops"])
         yield from (queue, running, kv, steps, busy, stage_calls, stage_busy, hop, hops)
         yield from box_families()
 

@@ -38,7 +38,7 @@ from edgemesh.errors import (
     ModelUnavailableError,
     require,
 )
-from edgemesh.pipeline import Pick
+from edgemesh.pipeline import Pick, Picked
 from edgemesh.router.placement import Placer
 from edgemesh.router.stage import Batch, StageSpec, StageWorker
 
@@ -52,7 +52,7 @@ STAGE_CONCURRENCY = 8
 class _Job:
     inputs: list[SeqInput]
     picks: list[Pick | None]
-    future: cf.Future[list[int | None]]
+    future: cf.Future[list[Picked | None]]
 
 
 def _is_loss(ray: Any, exc: BaseException) -> bool:
@@ -131,8 +131,8 @@ class RayPipeline:
 
     def submit(
         self, inputs: Sequence[SeqInput], picks: Sequence[Pick | None]
-    ) -> cf.Future[list[int | None]]:
-        future: cf.Future[list[int | None]] = cf.Future()
+    ) -> cf.Future[list[Picked | None]]:
+        future: cf.Future[list[Picked | None]] = cf.Future()
         job = _Job(list(inputs), list(picks), future)
         with self._cond:
             if self._broken is not None:
@@ -172,8 +172,19 @@ class RayPipeline:
         """Per stage: box, layers, backend, precision, host and pid (for metrics)."""
         return [dict(info) for info in self.stage_info]
 
-    def stage_stats(self, timeout: float = 5.0) -> list[dict[str, int]]:
+    def stage_stats(self, timeout: float = 5.0) -> list[dict[str, float]]:
         return self._ray.get([a.stats.remote() for a in self._actors], timeout=timeout)
+
+    def stage_timings(self) -> list[dict[str, Any]]:
+        """Per stage: box, forward calls and seconds, and the hop into it (for /metrics).
+        Counters restart when a stage actor is replaced (Prometheus sees a reset)."""
+        with self._cond:
+            specs = list(self._specs)
+        stats = self.stage_stats(timeout=2.0)
+        return [
+            {"stage": spec.index, "box": spec.box, **st}
+            for spec, st in zip(specs, stats, strict=False)
+        ]
 
     # -- launching ----------------------------------------------------------
 

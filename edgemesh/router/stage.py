@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
 from edgemesh.errors import ConfigError, InferenceError
-from edgemesh.pipeline import Pick, apply_picks
+from edgemesh.pipeline import Pick, Picked, apply_picks
 from edgemesh.router.artifacts import (
     default_cache_root,
     ensure_artifacts,
@@ -113,6 +114,8 @@ class Batch:
     lengths: list[int]
     logits: list[str]
     data: np.ndarray
+    sent: float = 0.0
+    """Wall-clock time the sender let go of it (``time.time()``), for per-hop metrics."""
 
     @classmethod
     def from_inputs(cls, inputs: Sequence[SeqInput]) -> Batch:
@@ -129,6 +132,7 @@ class Batch:
             [i.length for i in inputs],
             [i.logits for i in inputs],
             data,
+            time.time(),
         )
 
     def inputs(self, first: bool) -> list[SeqInput]:
@@ -150,7 +154,7 @@ class Batch:
         return out
 
     def with_data(self, data: np.ndarray) -> Batch:
-        return Batch(self.seq_ids, self.start_pos, self.lengths, self.logits, data)
+        return Batch(self.seq_ids, self.start_pos, self.lengths, self.logits, data, time.time())
 
     @property
     def nbytes(self) -> int:
@@ -199,6 +203,12 @@ class StageWorker:
         self._running = False
         self.calls = 0
         self.merged_calls = 0
+        self.busy_s = 0.0
+        """Seconds in backend forward calls."""
+        self.hops = 0
+        self.hop_s = 0.0
+        """Sum over micro-batches of arrival here minus departure from the previous
+        stage (wall clocks: meaningful where boxes keep NTP time)."""
 
     def _package(self, manifest_bytes: bytes, source: Any) -> tuple[Path, bool]:
         from edgemesh.sharding.manifest import Manifest
@@ -236,14 +246,23 @@ class StageWorker:
             "fetched": self.fetched,
         }
 
-    def stats(self) -> dict[str, int]:
-        return {"calls": self.calls, "merged_calls": self.merged_calls}
+    def stats(self) -> dict[str, float]:
+        return {
+            "calls": self.calls,
+            "merged_calls": self.merged_calls,
+            "busy_s": self.busy_s,
+            "hops": self.hops,
+            "hop_s": self.hop_s,
+        }
 
     def forward(
         self, batch: Batch, picks: Sequence[Pick | None] | None = None
-    ) -> Batch | list[int | None]:
+    ) -> Batch | list[Picked | None]:
         """Run one micro-batch; merges with micro-batches waiting at the same time."""
         job = _Job(batch, picks)
+        if batch.sent:
+            self.hops += 1
+            self.hop_s += max(0.0, time.time() - batch.sent)
         with self._cond:
             self._jobs.append(job)
             while self._running and not job.done.is_set():
@@ -290,6 +309,7 @@ class StageWorker:
         inputs: list[SeqInput] = []
         for job in jobs:
             inputs.extend(job.batch.inputs(self.spec.is_first))
+        started = time.perf_counter()
         try:
             outputs = self.backend.forward(inputs)  # [S, H] hidden or [1|S, V] logits each
         except BaseException as exc:
@@ -297,6 +317,8 @@ class StageWorker:
                 job.error = exc
                 job.done.set()
             return
+        finally:
+            self.busy_s += time.perf_counter() - started
         at = 0
         for job in jobs:
             n = len(job.batch.seq_ids)
@@ -308,7 +330,7 @@ class StageWorker:
                 job.error = exc
             job.done.set()
 
-    def _pack(self, job: _Job, outputs: list[np.ndarray]) -> Batch | list[int | None]:
+    def _pack(self, job: _Job, outputs: list[np.ndarray]) -> Batch | list[Picked | None]:
         if self.spec.is_last:
             picks = job.picks if job.picks is not None else [None] * len(outputs)
             return apply_picks(outputs, picks)
