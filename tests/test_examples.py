@@ -51,6 +51,15 @@ def test_readme_curl_example_works(gateway_url: str) -> None:
     assert '"text_completion"' in out.stdout and '"choices"' in out.stdout
 
 
+@pytest.mark.llamacpp
+def test_readme_sdk_example_works(gateway_url: str, capsys) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- sdk-example -->", 1)[1].split("```python", 1)[1].split("```")[0]
+    code = block.replace("http://127.0.0.1:8000", gateway_url.removesuffix("/v1"))
+    exec(compile(code, "README.md sdk-example", "exec"), {"__name__": "__main__"})
+    assert len(capsys.readouterr().out.split()) >= 2
+
+
 def test_pi_jetson_example_plans_a_split(tmp_path: Path) -> None:
     """The demo's `edgemesh plan` step on its boxes file, for a Qwen2.5-1.5B-shaped model."""
     import json
