@@ -265,3 +265,31 @@ def test_edgemesh_serve_model_dir_speaks_v2(package: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.llamacpp
+def test_one_gateway_serves_llm_v1_and_graph_v2(package: Path, default_gguf: Path) -> None:
+    import openai
+
+    from edgemesh.local import LocalOptions, load_service
+    from edgemesh.models import ModelSource
+
+    llm = load_service(
+        ModelSource("gemma-3-270m", default_gguf, "gguf"),
+        LocalOptions(threads=1, context_length=256, max_sequences=1),
+    )
+    graph = load_graph_service(
+        package, GraphServeOptions(backend="onnxruntime", precision="fp32", threads=1)
+    )
+    try:
+        with LiveServer(create_app([llm], graphs=[graph])) as live:
+            chat = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
+            out = chat.completions.create(model="gemma-3-270m", prompt="Hello", max_tokens=4)
+            assert out.choices[0].text is not None and out.usage.completion_tokens >= 1
+            client = triton.InferenceServerClient(f"127.0.0.1:{live.port}")
+            x = np.zeros((1, 3, 32, 32), np.float32)
+            assert client.infer("cls", [_input(x)]).as_numpy("output").shape == (1, 10)
+            assert [m.id for m in chat.models.list().data] == ["gemma-3-270m"]
+    finally:
+        graph.close()
+        llm.close()
