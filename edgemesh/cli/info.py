@@ -116,7 +116,12 @@ def command(
         ),
     ] = False,
     box_id: Annotated[
-        str | None, typer.Option("--id", help="Box id; default: hostname + machine-id hash.")
+        str | None,
+        typer.Option(
+            "--id",
+            help="Box id; default: hostname + a hash of the machine id and the primary "
+            "interface's MAC (what `edgemesh join` derives).",
+        ),
     ] = None,
     cache_dir: Annotated[
         Path | None,
