@@ -178,7 +178,9 @@ def _graphs(app: FastAPI) -> list[dict[str, Any]]:
             meta = dict(g.metadata())
         except Exception as exc:  # listed with the reason rather than hidden
             meta = {"name": getattr(g, "name", "?"), "error": repr(exc)}
-        meta.setdefault("backend", getattr(g, "backend", None))
-        meta.setdefault("precision", getattr(g, "precision", None))
+        choice = getattr(g, "choice", None)  # GraphService: the runtime it picked
+        for key in ("backend", "precision"):
+            value = getattr(choice, key, None) if choice is not None else getattr(g, key, None)
+            meta.setdefault(key, value if isinstance(value, str) or value is None else str(value))
         out.append(meta)
     return out
