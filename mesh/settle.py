@@ -40,11 +40,15 @@ PROGRESS_EVERY_S = 5.0
 def unsettled(doc: dict[str, Any]) -> list[str]:
     """What keeps the mesh in ``doc`` (an agent's ``state.json``) from being
     settled, one phrase each; empty when it is settled."""
-    status = from_agent(doc)
+    return unsettled_status(from_agent(doc), (doc.get("decision") or {}).get("reason"))
+
+
+def unsettled_status(status: MeshStatus, reason: str | None = None) -> list[str]:
+    """``unsettled`` of a status read from an agent (``reason``: its election decision)."""
     out = []
     if not status.ray_address:
-        reason = (doc.get("decision") or {}).get("reason") or "electing a head"
-        out.append(f"this box ({status.box_id}) is not in a Ray cluster yet ({reason})")
+        why = reason or "electing a head"
+        out.append(f"this box ({status.box_id}) is not in a Ray cluster yet ({why})")
     heads = sorted(b.id for b in status.boxes if b.role == "head")
     if not heads:
         out.append("no head elected yet")

@@ -184,3 +184,21 @@ def test_deploy_cli_waits_and_fails_with_the_settling_error(
     assert "waiting for the mesh to settle" in result.output
     assert "the mesh did not settle within 1 s" in result.output
     assert NO_NODE.format(formed_doc["box_id"]) in result.output
+
+
+def test_status_says_what_deploy_would_wait_for(formed_doc: dict, tmp_path: Path) -> None:
+    from edgemesh.cli import app
+
+    head = next(m["id"] for m in formed_doc["members"] if m["role"] == "head")
+    me = formed_doc["box_id"]
+    folder = tmp_path / "state"
+    runner = CliRunner()
+    status = ["status", "--state-dir", str(folder), "--mesh", formed_doc["mesh"]]
+    _write_state(folder, with_ray(formed_doc, [head]))
+    doc = json.loads(runner.invoke(app, [*status, "--json"]).stdout)
+    assert doc["settling"] == [NO_NODE.format(me)]
+    text = runner.invoke(app, status).output
+    assert f"settling: {NO_NODE.format(me)}" in text
+    _write_state(folder, with_ray(formed_doc, [head, me]))
+    doc = json.loads(runner.invoke(app, [*status, "--json"]).stdout)
+    assert doc["settling"] == []

@@ -44,9 +44,15 @@ def command(
         except AuthError:
             secret = None  # fine while the agent runs: its state is already verified
         status = collect_status(settings, secret, browse_s=wait)
+    from edgemesh.mesh.settle import unsettled_status
+
+    # What `edgemesh deploy` would wait for (only an agent's view can tell).
+    settling = unsettled_status(status) if status.source == "agent" else None
     if json_out:
         from edgemesh.router.deploy import status_extras
 
-        print_json({**status.to_dict(), **status_extras(folder)})
+        print_json({**status.to_dict(), **status_extras(folder), "settling": settling})
     else:
         typer.echo(render(status))
+        if settling:
+            typer.echo(f"  settling: {'; '.join(settling)}")
