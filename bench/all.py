@@ -36,6 +36,7 @@ def steps(package: Path) -> list[tuple[str, list[str], str | None]]:
         ("mesh", ["edgemesh.bench.mesh", "--package", pkg], root),
         ("memory", ["edgemesh.bench.memory", "--package", pkg], root),
         ("vision", ["edgemesh.bench.vision"], None),  # graph models; needs no package
+        ("gateway", ["edgemesh", "bench", "gateway"], None),  # default GGUF; needs no package
     ]
 
 

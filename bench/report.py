@@ -488,6 +488,12 @@ def figure_vision() -> str:
     return vision.figure(_load("vision"))
 
 
+def figure_gateway() -> str:
+    from edgemesh.bench import gateway  # its own module renders its section
+
+    return gateway.figure(_load("gateway"))
+
+
 FIGURES: list[Callable[[], str]] = [
     figure_single,
     figure_pipeline,
@@ -496,6 +502,7 @@ FIGURES: list[Callable[[], str]] = [
     figure_memory,
     figure_mesh,
     figure_vision,
+    figure_gateway,
 ]
 
 HEADER = """# Benchmarks

@@ -113,6 +113,21 @@ def vision(
     bench_vision.main(argv + (["--out", str(out)] if out else []))
 
 
+@app.command("gateway")
+def gateway(
+    tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Requests per path; the median is kept.")] = 5,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for llama.cpp.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+) -> None:
+    """Gateway: grammar engines' mask cost, constrained vs free decoding, HTTP vs in-process."""
+    from edgemesh.bench import gateway as bench_gateway
+
+    argv = ["--tokens", str(tokens), "--repeats", str(repeats)]
+    argv += ["--threads", str(threads)] if threads else []
+    bench_gateway.main(argv + (["--out", str(out)] if out else []))
+
+
 @app.command("all")
 def all_benchmarks(
     only: Annotated[
