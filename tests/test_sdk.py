@@ -309,3 +309,17 @@ def test_every_docs_example_runs_against_the_gateway(gateway: str, capsys) -> No
     assert (
         "not served: model_not_found" in errors_ and "too long: context_length_exceeded" in errors_
     )
+
+
+def test_config_reads_the_environment_once_and_checks_the_url(monkeypatch) -> None:
+    from edgemesh.sdk import ClientConfig
+
+    monkeypatch.setenv("EDGEMESH_URL", "http://head.local:8000/v1/")
+    monkeypatch.setenv("EDGEMESH_API_KEY", "from-env")
+    config = ClientConfig.resolve()
+    assert config.base_url == "http://head.local:8000" and config.api_key == "from-env"
+    assert config.headers() == {"Authorization": "Bearer from-env"}
+    assert "from-env" not in repr(config)
+    assert ClientConfig.resolve("http://other:9", api_key="").headers() == {}  # "" = no key
+    with pytest.raises(em.ConfigError, match="not an http"):
+        ClientConfig.resolve("head.local:8000")
