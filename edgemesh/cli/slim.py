@@ -34,7 +34,11 @@ class _PackageFirst(TyperGroup):
 
 app = typer.Typer(
     cls=_PackageFirst,
-    help="Make a package smaller or faster and measure what it costs (docs/SLIMMING.md).",
+    help=(
+        "Make a package smaller or faster and measure what it costs (docs/SLIMMING.md).\n\n"
+        "edgemesh slim PKG --method awq|gptq|rtn|prune-ffn|prune-depth --out DIR [options]; "
+        "`edgemesh slim run --help` lists the options."
+    ),
     no_args_is_help=True,
 )
 
