@@ -10,7 +10,8 @@ boxes, each running `edgemesh join`.
    secret file is, never the secret itself;
 4. a second model is planned and deployed from the page and answers;
 5. the worker box is unplugged (every process SIGKILLed): the page shows it
-   lost, and the event log has the loss.
+   lost; the next request re-plans onto the head, and the event log has the
+   loss and the recovery; "Forget" removes the lost box from the page.
 
 Subnet 10.82.0 and prefix "ehb" are this module's own. Needs root,
 iproute2, the mesh extra, playwright and Debian's chromium; skipped with
@@ -156,13 +157,26 @@ def test_mesh_dashboard_lists_every_box_deploys_and_shows_a_lost_box(
             lost.wait_for(timeout=120_000)
             assert "lost" in lost.inner_text()
             screenshot(page, shots, "mesh-lost")
+            # the next request re-plans "tiny" onto the head, and the log says so
+            out3 = client.completions.create(model="tiny", prompt="hello", max_tokens=6)
+            assert out3.usage.completion_tokens == 6
             page.click("#tabs button[data-view=events]")
             page.locator("#events tr[data-kind=lost]").first.wait_for(timeout=30_000)
+            page.locator("#events tr[data-kind=recover]").first.wait_for(timeout=60_000)
             assert worker.id in page.inner_text("#events")
             screenshot(page, shots, "mesh-events")
+
+            # -- forget the lost box -----------------------------------------
+            page.click("#tabs button[data-view=devices]")
+            page.on("dialog", lambda d: d.accept())
+            lost.locator("button[data-act=remove]").click()
+            page.wait_for_selector("#job.done >> text=remove", timeout=60_000)
+            page.wait_for_function(
+                f"() => !document.querySelector(\"tr.lost[data-box='{worker.id}']\")"
+            )
         events = httpx.get(base + "/api/events", timeout=30).json()["events"]
         kinds = {e["kind"] for e in events}
-        assert {"join", "lost", "deploy"} <= kinds, kinds
+        assert {"join", "lost", "deploy", "recover", "remove"} <= kinds, kinds
     finally:
         for b in boxes:
             b.pull_plug()

@@ -27,52 +27,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from edgemesh.errors import ConflictError, ModelNotFoundError, NotFoundError
+from edgemesh.errors import ConflictError, NotFoundError
 from edgemesh.gateway.jobs import Job
-from edgemesh.gateway.manager import Manager, model_view, stages_by_box, this_box_live
+from edgemesh.gateway.manager import Manager, model_view, stages_by_box
+from edgemesh.gateway.mesh_boxes import (
+    LivePoller,
+    find_packages_here,
+    read_manifest,
+    stop_agent,
+)
 
 log = logging.getLogger(__name__)
 
-LIVE_PERIOD_S = 2.0
-LIVE_TIMEOUT_S = 3.0
-STALE_S = 15.0
 PACKAGES_TIMEOUT_S = 10.0
-
-
-def _find_packages_here(extra: list[str]) -> list[dict[str, Any]]:
-    from edgemesh.gateway.packages import find_packages
-
-    return find_packages(p for p in extra if p and Path(p).is_dir())
-
-
-def _read_manifest(path: str) -> bytes:
-    manifest = Path(path) / "manifest.json"
-    try:
-        return manifest.read_bytes()
-    except OSError as exc:
-        raise ModelNotFoundError(f"no package manifest at {manifest}: {exc}") from exc
-
-
-def _stop_agent() -> str:
-    """On a box: ask its ``edgemesh join`` to leave (SIGTERM, it says goodbye)."""
-    import signal
-
-    from edgemesh.mesh.status import read_agent_state
-
-    folder = os.environ.get("EDGEMESH_STATE_DIR")
-    doc = read_agent_state(Path(folder)) if folder else None
-    if doc is None:
-        raise NotFoundError(
-            "this box's agent state was not found (EDGEMESH_STATE_DIR unset or stale)",
-            code="box_not_found",
-        )
-    os.kill(int(doc["pid"]), signal.SIGTERM)
-    return f"asked the agent (pid {doc['pid']}) to leave"
 
 
 class MeshManager(Manager):
@@ -87,10 +58,8 @@ class MeshManager(Manager):
         self.sources = dict(sources)
         folder = os.environ.get("EDGEMESH_STATE_DIR")
         self.state_dir = Path(folder) if folder else None
-        self._live: dict[str, dict[str, Any]] = {}
-        self._live_lock = threading.Lock()
-        self._halt = threading.Event()
-        threading.Thread(target=self._poll_live, name="edgemesh-live", daemon=True).start()
+        self.live = LivePoller(ray)
+        self.live.start()
 
     def attach(self, app: Any) -> None:
         super().attach(app)
@@ -146,8 +115,7 @@ class MeshManager(Manager):
         forgotten = records.get("forgotten", {})
         stages = stages_by_box(self.services, self.head_box)
         alive = {b.id: b for b in self._alive()}
-        with self._live_lock:
-            live = dict(self._live)
+        live = self.live.readings()
         rows = []
         if doc is not None:
             members = doc.get("members", [])
@@ -191,43 +159,6 @@ class MeshManager(Manager):
         ]
         lost.sort(key=lambda x: -x["at"])
         return {"boxes": rows, "lost": lost}
-
-    def _poll_live(self) -> None:
-        """Ask every alive box for its readings; a box keeps at most one call
-        in flight (a slow box, e.g. starting its first Ray worker, is never
-        cancelled and asked again), and its last reading stays until a new
-        one comes, flagged once it is ``STALE_S`` old."""
-        task = self._ray.remote(this_box_live)
-        pending: dict[str, tuple[Any, float]] = {}
-        while not self._halt.wait(LIVE_PERIOD_S):
-            try:
-                alive = {b.id for b in self._alive()}
-                now = time.monotonic()
-                for box in alive - set(pending):
-                    ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote()
-                    pending[box] = (ref, now)
-                for box in set(pending) - alive:
-                    del pending[box]  # gone: its call fails or never ends
-                refs = [ref for ref, _ in pending.values()]
-                ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=LIVE_TIMEOUT_S)
-                done = {r.hex() for r in ready}
-                with self._live_lock:
-                    for box in list(self._live):
-                        if box not in alive:
-                            del self._live[box]
-                    for box, (ref, since) in list(pending.items()):
-                        if ref.hex() in done:
-                            del pending[box]
-                            try:
-                                self._live[box] = self._ray.get(ref)
-                            except Exception as exc:  # the box went away mid-call
-                                self._live[box] = {"error": f"{type(exc).__name__}: {exc}"}
-                        elif now - since > STALE_S:
-                            got = dict(self._live.get(box, {}))
-                            got["error"] = f"no answer for {now - since:.0f} s"
-                            self._live[box] = got
-            except Exception:  # keep polling; the page shows the last readings
-                log.exception("live readings of the boxes failed")
 
     def refresh_events(self) -> None:
         if self.state_dir is not None:
@@ -274,7 +205,7 @@ class MeshManager(Manager):
 
     def packages(self) -> dict[str, Any]:
         ray = self._ray
-        task = ray.remote(_find_packages_here)
+        task = ray.remote(find_packages_here)
         records = self._records().get("models", {})
         extra = [m.get("package_dir", "") for m in records.values()]
         boxes = [b.id for b in self._alive()]
@@ -301,7 +232,7 @@ class MeshManager(Manager):
     def _manifest(self, package: str, box: str) -> tuple[bytes, Any]:
         from edgemesh.sharding.manifest import Manifest
 
-        task = self._ray.remote(_read_manifest)
+        task = self._ray.remote(read_manifest)
         ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
         raw = self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
         return raw, Manifest.from_dict(json.loads(raw))
@@ -351,19 +282,32 @@ class MeshManager(Manager):
                 code="model_exists",
             )
         return self.jobs.start(
-            "deploy", name, lambda job: self._deploy(package, box, name, raw, manifest, plan)
+            "deploy", name, lambda job: self._deploy(package, box, name, raw, manifest, plan, job)
         )
 
     def _deploy(
-        self, package: str, box: str, name: str, raw: bytes, manifest: Any, fixed: dict | None
+        self,
+        package: str,
+        box: str,
+        name: str,
+        raw: bytes,
+        manifest: Any,
+        fixed: dict | None,
+        job: Job | None = None,
     ) -> tuple[str, Any]:
+        def step(what: str) -> None:  # shown on the page while the job runs
+            if job is not None:
+                job.message = what
+
         from edgemesh.router.deploy import _checked_plan, mirror_package, write_records
         from edgemesh.router.service import mesh_service
         from edgemesh.sharding.planner import plan
 
+        step("planning")
         profiles = self._profiles()
         alive = {b.id for b in self._alive()}
         placed = _checked_plan(fixed, manifest, alive) if fixed else plan(manifest, profiles)
+        step(f"copying the package from {box} to the head ({self.head_box})")
         mirror = mirror_package(
             self._ray, name, raw, source_box=box, path=package, head=self.head_box
         )
@@ -391,6 +335,7 @@ class MeshManager(Manager):
             "gateway": gateway,
             "deployed": time.time(),
         }
+        step("starting the stages: " + ", ".join(st["box"] for st in record["stages"]))
         service = mesh_service(record, here=self.head_box, source=mirror, on_change=self._on_change)
         service.info["plan_full"] = placed.to_dict()
         self.services[name] = service
@@ -544,7 +489,7 @@ class MeshManager(Manager):
 
         if alive:
             self._drain(box, True)
-            task = self._ray.remote(_stop_agent)
+            task = self._ray.remote(stop_agent)
             ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote()
             said = self._ray.get(ref, timeout=30)
         else:
