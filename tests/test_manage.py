@@ -167,3 +167,28 @@ def test_api_errors_are_openai_shaped_and_the_key_guards_every_route(live_server
             ]
             == []
         )
+
+
+def test_mesh_gateway_binds_loopback_unless_keyed_or_told() -> None:
+    from edgemesh.router.deploy import gateway_bind
+
+    head = "10.0.0.7"
+    assert gateway_bind(None, head, keyed=False) == ("127.0.0.1", "127.0.0.1")
+    assert gateway_bind(None, head, keyed=True) == (head, head)
+    assert gateway_bind("mesh", head, keyed=False) == (head, head)
+    assert gateway_bind("0.0.0.0", head, keyed=False) == ("0.0.0.0", head)
+    assert gateway_bind("192.168.1.5", head, keyed=False) == ("192.168.1.5", "192.168.1.5")
+
+
+def test_the_mesh_gateway_checks_keys_it_only_knows_by_digest(live_server) -> None:
+    from edgemesh.router.deploy import gateway_keys, key_digests
+
+    doc = {"api_key_sha256": key_digests(["site-key"])}
+    assert "site-key" not in json.dumps(doc)  # the records never hold the key
+    with live_server(create_app([], api_keys=gateway_keys(doc))) as srv:
+        ok = httpx.get(srv.url + "/api/overview", headers={"Authorization": "Bearer site-key"})
+        assert ok.status_code == 200
+        digest = doc["api_key_sha256"][0]
+        for wrong in ("other", digest, f"sha256:{digest}"):
+            r = httpx.get(srv.url + "/api/overview", headers={"Authorization": f"Bearer {wrong}"})
+            assert r.status_code == 401, wrong
