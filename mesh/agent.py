@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgemesh import __version__
-from edgemesh.errors import MeshError
+from edgemesh.errors import ConfigError, MeshError
 from edgemesh.mesh.box_id import collision_hint, resolve_box_id
 from edgemesh.mesh.config import JoinSettings, MeshSecret, process_env, write_json, write_private
 from edgemesh.mesh.deployments import DeploymentStore
@@ -103,8 +103,8 @@ class Agent:
             address=self.iface.address,
             version=__version__,
             ray_version=self.record.ray_version,
-            on_record=self.membership.upsert,
-            on_remove=self.membership.remove,
+            on_record=self._on_record,
+            on_remove=self._on_remove,
             collision_hint=collision_hint(self.identity),
         )
         write_private(self.paths.ray_token, secret.ray_token(settings.mesh))
@@ -124,6 +124,8 @@ class Agent:
         self._waiting: tuple[str, float] | None = None
         self._last_announce = 0.0
         self._last_state = 0.0
+        self._collision: BoxRecord | None = None
+        self._reannounce = threading.Event()
         self.decision = Decision("wait", None, "starting")
 
     @property
@@ -180,6 +182,16 @@ class Agent:
     # -- the loop --------------------------------------------------------
 
     def _tick(self) -> None:
+        if self._collision is not None:
+            other = self._collision
+            raise ConfigError(
+                f"another box already announces the id '{self.box_id}' in mesh "
+                f"'{self.settings.mesh}' (from {other.address})",
+                hint=collision_hint(self.identity),
+            )
+        if self._reannounce.is_set():
+            self._reannounce.clear()
+            self._announce()
         now = time.monotonic()
         self._check_ray(now)
         self._prune(now)
@@ -368,6 +380,28 @@ class Agent:
             self.membership.crashed(head[0], head[1], f"Ray head {address} unreachable")
 
     # -- records and state -----------------------------------------------
+
+    def _on_record(self, record: BoxRecord) -> None:
+        """Resolver thread: a verified record. One with this box's id but another
+        incarnation is a duplicate id that mDNS probing missed (both probed at
+        once, or a box too loaded to answer the probe in time): the one that was
+        there first stays, the other leaves with the collision error."""
+        mine = self.record
+        if record.box_id == mine.box_id and record.incarnation != mine.incarnation:
+            if (record.started, record.address) < (mine.started, mine.address):
+                self._collision = record
+            else:
+                self._reannounce.set()  # peers' caches now hold the duplicate's record
+            return
+        self.membership.upsert(record)
+
+    def _on_remove(self, box_id: str) -> None:
+        """Resolver thread: a goodbye. One for this box's own name comes from a
+        leaving duplicate; announcing again puts this box back in peers' caches."""
+        if box_id == self.box_id:
+            self._reannounce.set()
+            return
+        self.membership.remove(box_id)
 
     def _prune(self, now: float) -> None:
         wall = time.time()
