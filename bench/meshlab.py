@@ -454,7 +454,8 @@ def run_chats(
 def metrics(base_url: str, model: str) -> dict[str, Any]:
     import httpx
 
-    return httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).json()[model]
+    # /metrics is Prometheus text since issue 16; the JSON counters moved to /metrics/json.
+    return httpx.get(base_url.removesuffix("/v1") + "/metrics/json", timeout=30).json()[model]
 
 
 def load_1m() -> float:
