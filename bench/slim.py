@@ -19,6 +19,7 @@ under ``nice -n 5``, one at a time, and note ``/proc/loadavg`` (printed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -115,7 +116,34 @@ def _every_ten(step: int, steps: int, loss: float) -> None:
         say(f"step {step}/{steps} KL {loss:.4f}")
 
 
-def table(packages: list[Path], threads: int | None) -> None:
+def decode_speed(path: Path, precision: str, threads: int | None, runs: int = 3) -> tuple:
+    """Median decode tokens/s and TTFT of ``runs`` greedy generations (after a warm-up)."""
+    import statistics
+
+    from edgemesh.backends.base import BackendOptions
+    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.slim.measure import SPEED_PROMPT_TOKENS, SPEED_TOKENS
+    from edgemesh.sharding.slim.text import heldout_text
+
+    pkg = open_package(path)
+    ids = pkg.tokenizer().encode(heldout_text())[:SPEED_PROMPT_TOKENS]
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = load_pipeline(
+            pkg, [], precision, options=BackendOptions(threads=threads, cache_dir=Path(tmp))
+        )
+        try:
+            generate(pipe, ids, max_tokens=4)
+            gens = [generate(pipe, ids, max_tokens=SPEED_TOKENS) for _ in range(runs)]
+        finally:
+            pipe.close()
+    return (
+        statistics.median(g.decode_tokens_per_s for g in gens),
+        statistics.median(g.seconds_prefill for g in gens),
+    )
+
+
+def table(packages: list[Path], threads: int | None, speed: bool = False) -> None:
     from edgemesh.sharding.package import open_package
     from edgemesh.sharding.slim.report import markdown, report
 
@@ -125,8 +153,29 @@ def table(packages: list[Path], threads: int | None) -> None:
         # a source package gives its fp32 reference and its own (RTN) int4 row
         wanted = None if "slim" in pkg.manifest.extra else [
             p for p in ("fp32", "int4") if p in pkg.precisions]  # fmt: skip
-        found += report([path], precisions=wanted, threads=threads, say=say)
+        rows = report([path], precisions=wanted, threads=threads, say=say)
+        if speed:  # all rows timed back to back, so they share one machine load
+            for i, row in enumerate(rows):
+                tps, ttft = decode_speed(path, row.precision, threads)
+                say(f"{row.package} {row.precision}: {tps:.2f} tokens/s, TTFT {ttft:.3f} s")
+                rows[i] = dataclasses.replace(
+                    row,
+                    tokens_per_s=round(tps, 2),
+                    ttft_s=round(ttft, 4),
+                    loadavg=os.getloadavg()[0],
+                )
+        found += rows
+    if speed:
+        refs: dict[str, float] = {}
+        for row in found:
+            if row.method == "source" and row.precision == "fp32":
+                refs[row.package] = row.tokens_per_s or 0.0
+        for i, row in enumerate(found):
+            ref = next((v for k, v in refs.items() if row.package.startswith(k)), None)
+            if ref and row.tokens_per_s:
+                found[i] = dataclasses.replace(row, speed_vs_fp32=round(row.tokens_per_s / ref, 3))
     print(markdown(found))
+    print(f"load average at the end: {open('/proc/loadavg').read().strip()}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=100)
     p = sub.add_parser("table")
     p.add_argument("packages", type=Path, nargs="+")
+    p.add_argument("--speed", action="store_true", help="time every row again, back to back")
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -158,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         distill(args.teacher.expanduser(), args.out_root.expanduser(), args.keep_layers,
                 args.steps, args.threads)  # fmt: skip
     else:
-        table([p.expanduser() for p in args.packages], args.threads)
+        table([p.expanduser() for p in args.packages], args.threads, args.speed)
 
 
 if __name__ == "__main__":
