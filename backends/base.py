@@ -195,6 +195,12 @@ class Backend(ABC):
     def release(self, seq_id: int) -> None:
         """Drop a sequence's KV cache. Unknown ids are ignored."""
 
+    def fork(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        """Give ``dst_seq_id`` a copy of ``src_seq_id``'s KV cache (n samples of one
+        prompt share its prefill). False when this backend cannot (the default)
+        or has no room; the caller then prefills ``dst`` itself."""
+        return False
+
     @abstractmethod
     def close(self) -> None:
         """Free everything. Idempotent."""

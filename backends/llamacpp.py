@@ -223,6 +223,16 @@ class LlamaCppBackend(Backend):
                 self._decode(plan[begin : begin + self.n_batch], rows)
             return [np.stack(r) for r in rows]
 
+    def fork(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        # A whole-stream copy: llama.cpp copies between KV streams only entire.
+        with self._lock:
+            src = self._slots.get(src_seq_id)
+            if self._closed or src is None or dst_seq_id in self._slots or not self._free:
+                return False
+            dst = self._slot(dst_seq_id)
+            self._llama.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+            return True
+
     def release(self, seq_id: int) -> None:
         with self._lock:
             slot = self._slots.pop(seq_id, None)

@@ -113,6 +113,9 @@ class _Sequence:
         default_factory=list
     )
     prompt_sent: bool = False
+    followers: list[_Sequence] = field(default_factory=list)
+    """Samples of the same prompt held until this one's prompt is cached, then forked."""
+    leader: _Sequence | None = None
     last: Picked | None = None
     """The newest token's pick, until an event carries it."""
 
@@ -212,12 +215,17 @@ class Engine:
         *,
         constraint: Constraint | None = None,
         echo: bool = False,
+        share_prefill: Generation | None = None,
     ) -> Generation:
         """Queue a request. Raises ContextOverflowError or OverloadedError.
 
         ``constraint`` masks every step's logits to an output grammar;
         ``echo`` scores the prompt (its logprobs arrive on the first event),
-        and with ``params.max_tokens == 0`` nothing is generated."""
+        and with ``params.max_tokens == 0`` nothing is generated.
+        ``share_prefill``: another sample of the same prompt, submitted just
+        before; this one waits until that one's prompt is in the KV cache and
+        gets a copy (``Pipeline.fork``) instead of prefilling again (where the
+        pipeline cannot fork, it prefills as usual)."""
         if not prompt:
             raise ContextOverflowError("the prompt is empty", param="prompt")
         if len(prompt) + params.max_tokens > self.config.context_length:
@@ -250,7 +258,18 @@ class Engine:
                     "are waiting; try again shortly",
                     retry_after_s=1.0,
                 )
-            self._waiting.append(seq)
+            lead = share_prefill._seq if share_prefill is not None else None
+            if (
+                lead is not None
+                and lead.prompt == seq.prompt
+                and lead.fed == 0
+                and not lead.cancelled
+                and hasattr(self.pipeline, "fork")
+            ):
+                seq.leader = lead
+                lead.followers.append(seq)
+            else:
+                self._waiting.append(seq)
             self._cond.notify()
         return Generation(self, seq)
 
@@ -270,7 +289,8 @@ class Engine:
             self._stopped = True
             self._cond.notify()
         self._thread.join(timeout=30)
-        for seq in list(self._active.values()) + list(self._waiting):
+        held = [f for s in list(self._active.values()) + list(self._waiting) for f in s.followers]
+        for seq in list(self._active.values()) + list(self._waiting) + held:
             seq.sink.put(Event(None, "", "error", OverloadedError("the engine stopped")))
         self.pipeline.close()
 
@@ -281,7 +301,12 @@ class Engine:
             seq.cancelled = True
             if seq in self._waiting:
                 self._waiting.remove(seq)
+            held = seq.leader is not None and seq in seq.leader.followers
+            if held:
+                seq.leader.followers.remove(seq)  # type: ignore[union-attr]
             self._cond.notify()
+        if held:
+            seq.sink.put(Event(None, "", "cancelled"))
 
     def _run(self) -> None:
         in_flight: dict[cf.Future[list[Picked | None]], tuple[list[_Sequence], list, float]] = {}
@@ -412,6 +437,8 @@ class Engine:
         for seq, inp, picked in zip(batch, inputs, picks, strict=True):
             seq.in_flight = False
             seq.fed += inp.length
+            if seq.followers and seq.fed >= len(seq.prompt):
+                self._fork_followers(seq)  # before _advance may finish and free the cache
             if picked is not None:
                 seq.prompt_scores.extend(picked.scored)
             if seq.cancelled:
@@ -420,6 +447,39 @@ class Engine:
                 self._advance(seq, picked)
             elif seq.params.max_tokens == 0 and seq.fed >= len(seq.prompt):
                 self._finish(seq, "length")  # echo only: the prompt is scored
+
+    def _fork_followers(self, lead: _Sequence) -> None:
+        """Copy the leader's prompt KV to each held sample with a free slot; the
+        sample then feeds only the prompt's last token (its own logits, its own
+        pick). The rest prefill as usual. Runs on the scheduler thread."""
+        with self._cond:
+            followers, lead.followers = lead.followers, []
+            room = self.config.max_sequences - len(self._active)
+        forked, queued = [], []
+        for f in followers:
+            f.leader = None
+            if room > 0 and self.pipeline.fork(lead.seq_id, f.seq_id):  # type: ignore[attr-defined]
+                room -= 1
+                f.fed = len(f.prompt) - 1
+                if f.echo:
+                    f.prompt_scores = list(lead.prompt_scores)
+                forked.append(f)
+            else:
+                queued.append(f)
+        with self._cond:
+            for f in forked:
+                self._active[f.seq_id] = f
+            self._waiting.extendleft(reversed(queued))
+            self.stats.forks += len(forked)
+
+    def _release_followers(self, lead: _Sequence) -> None:
+        """The leader ended before its prompt was cached: its samples prefill themselves."""
+        with self._cond:
+            followers, lead.followers = lead.followers, []
+            for f in followers:
+                f.leader = None
+            self._waiting.extendleft(reversed(followers))
+            self._cond.notify()
 
     def _advance(self, seq: _Sequence, picked: Picked) -> None:
         params = seq.params
@@ -464,6 +524,14 @@ class Engine:
                 self._active.pop(seq.seq_id, None)
         else:
             self._active.pop(seq.seq_id, None)
+        if seq.followers:
+            if lock:
+                self._release_followers(seq)
+            else:  # the caller holds the lock
+                for f in seq.followers:
+                    f.leader = None
+                self._waiting.extendleft(reversed(seq.followers))
+                seq.followers = []
         try:
             self.pipeline.release(seq.seq_id)
         except EdgemeshError as exc:  # a vanished box cannot free its cache; nothing to lose
@@ -517,6 +585,8 @@ class EngineStats:
 
     tokens: int = 0
     steps: int = 0
+    forks: int = 0
+    """Samples that got a copy of another sample's prompt cache (n > 1)."""
     busy_s: float = 0.0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
@@ -532,6 +602,7 @@ class EngineStats:
         return {
             "tokens": self.tokens,
             "steps": self.steps,
+            "forks": self.forks,
             "busy_s": round(self.busy_s, 3),
             "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
             "mean_step_ms": 1000 * float(np.mean(recent)) if recent else 0.0,

@@ -177,6 +177,18 @@ class LocalPipeline:
         for backend in self.backends:
             backend.release(seq_id)
 
+    def fork(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        """Copy a sequence's KV cache on every shard; all or nothing."""
+        with self._lock:
+            done = []
+            for backend in self.backends:
+                if not backend.fork(src_seq_id, dst_seq_id):
+                    for b in done:
+                        b.release(dst_seq_id)
+                    return False
+                done.append(backend)
+            return True
+
     def close(self) -> None:
         for backend in self.backends:
             backend.close()

@@ -86,12 +86,19 @@ def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_n_samples_are_independent_and_seeded(client: openai.OpenAI) -> None:
+def test_n_samples_are_independent_and_seeded(client: openai.OpenAI, service: ModelService) -> None:
     kw = {"model": M, "prompt": "My favourite food is", "max_tokens": 6, "temperature": 1.2}
     a = client.completions.create(n=3, seed=5, **kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert len({c.text for c in a.choices}) > 1  # the samples differ
     assert a.usage.completion_tokens <= 18 and a.usage.prompt_tokens > 0
+    # The samples share the prompt's prefill (a KV copy); greedy, each equals n=1.
+    forks = service.engine.stats.forks
+    greedy = {**kw, "temperature": 0.0}
+    alone = client.completions.create(**greedy).choices[0].text
+    three = client.completions.create(n=3, **greedy)
+    assert [c.text for c in three.choices] == [alone] * 3
+    assert service.engine.stats.forks == forks + 2
     # Alone on the box, a seed repeats (batched numerics differ by batch shape).
     one = [client.completions.create(seed=9, **kw).choices[0].text for _ in range(2)]
     assert one[0] == one[1]

@@ -131,6 +131,11 @@ class _LiveCollector:
         busy = CounterMetricFamily(
             "edgemesh_engine_busy_seconds", "Engine time in pipeline steps", labels=["model"]
         )
+        forks = CounterMetricFamily(
+            "edgemesh_prefill_forks",
+            "Samples (n > 1) that copied another sample's prompt KV instead of prefilling",
+            labels=["model"],
+        )
         stage_calls = CounterMetricFamily(
             "edgemesh_stage_steps",
             "Forward calls per pipeline stage",
@@ -157,6 +162,7 @@ class _LiveCollector:
             kv.add_metric([name], engine.kv_used_ratio() if hasattr(engine, "kv_used_ratio") else 0)
             steps.add_metric([name], engine.stats.steps)
             busy.add_metric([name], engine.stats.busy_s)
+            forks.add_metric([name], getattr(engine.stats, "forks", 0))
             timings = getattr(engine.pipeline, "stage_timings", None)
             if timings is None:
                 continue
@@ -174,7 +180,7 @@ class _LiveCollector:
                     edge = f"{k - 1}->{k}" if k else "gateway->0"
                     hop.add_metric([name, edge], st["hop_s"])
                     hops.add_metric([name, edge], st["hops"])
-        yield from (queue, running, kv, steps, busy, stage_calls, stage_busy, hop, hops)
+        yield from (queue, running, kv, steps, busy, forks, stage_calls, stage_busy, hop, hops)
         yield from box_families()
 
 

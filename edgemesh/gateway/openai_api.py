@@ -197,8 +197,11 @@ async def _submit(
                     logprobs=logprobs,
                 )
                 constraint = grammar.constraint() if grammar is not None else None
+                first = gens[-j] if j else None  # sample 0 of this prompt: share its prefill
                 gens.append(
-                    service.engine.submit(ids, params, constraint=constraint, echo=score_prompt)
+                    service.engine.submit(
+                        ids, params, constraint=constraint, echo=score_prompt, share_prefill=first
+                    )
                 )
     except BaseException:
         job.cancel()

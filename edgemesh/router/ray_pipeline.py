@@ -156,6 +156,25 @@ class RayPipeline:
         # A dead box has nothing to free: its error is not waited for or raised.
         self._ray.wait(refs, num_returns=len(refs), timeout=5.0)
 
+    def fork(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        """Copy a sequence's KV cache on every stage (and its replay history)."""
+        with self._cond:
+            if self._recovering or self._broken is not None or self._closed:
+                return False
+            actors = list(self._actors)
+            history = list(self._history.get(src_seq_id, []))
+        try:
+            ok = self._ray.get([a.fork.remote(src_seq_id, dst_seq_id) for a in actors], timeout=30)
+        except Exception as exc:  # a stage lost mid-fork: prefill instead
+            log.info("fork of sequence %d failed: %r", src_seq_id, exc)
+            ok = [False]
+        if not all(ok):
+            self._ray.wait([a.release.remote([dst_seq_id]) for a in actors], timeout=5.0)
+            return False
+        with self._cond:
+            self._history[dst_seq_id] = history
+        return True
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -292,6 +292,9 @@ class StageWorker:
         for sid in seq_ids:
             self.backend.release(int(sid))
 
+    def fork(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        return self.backend.fork(int(src_seq_id), int(dst_seq_id))
+
     def close(self) -> None:
         self.backend.close()
 
