@@ -100,18 +100,19 @@ def report(
 
 HEADER = (
     "| package | method | precision | disk MB | size vs fp32 | tokens/s | vs fp32 | TTFT s "
-    "| perplexity | loss vs fp32 | next-sentence acc_norm (fp32) | time s |"
+    "| perplexity | loss vs fp32 | next-sentence acc_norm (fp32) | time s | load |"
 )
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    lines = [HEADER, "|" + "---|" * 12]
+    lines = [HEADER, "|" + "---|" * 13]
     for r in rows:
         acc = "—" if r.acc_norm is None else f"{r.acc_norm:.3f} ({r.reference_acc_norm:.3f})"
         lines.append(
             f"| {r.package} | {r.method} | {r.precision} | {r.disk_mb:.1f} | {r.size_vs_fp32:.2f} "
             f"| {_f(r.tokens_per_s)} | {_f(r.speed_vs_fp32, 2)} | {_f(r.ttft_s, 3)} "
-            f"| {r.perplexity:.3f} | {r.loss_vs_fp32 * 100:+.1f}% | {acc} | {_f(r.seconds, 0)} |"
+            f"| {r.perplexity:.3f} | {r.loss_vs_fp32 * 100:+.1f}% | {acc} | {_f(r.seconds, 0)} "
+            f"| {r.loadavg:.1f} |"
         )
     return "\n".join(lines)
 
