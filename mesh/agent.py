@@ -159,6 +159,7 @@ class Agent:
                 self._watcher.start()
             self.membership.upsert(self.record)
             self.discovery.start(self.record)
+            self._metrics = _box_exporter(self.iface.address, self.box_id)
             self._last_announce = time.monotonic()
             self._settle_until = time.monotonic() + self.settings.settle_s
             while not self._stop.is_set():
@@ -177,6 +178,8 @@ class Agent:
 
             stop_restore(self._restorer)
         self._stop_ray()
+        if getattr(self, "_metrics", None) is not None:
+            self._metrics.shutdown()
         self._write_state(force=True, running=False)
 
     # -- the loop --------------------------------------------------------
@@ -461,3 +464,15 @@ class Agent:
             write_json(self.paths.state, self.state(running=running))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.paths.state, exc)
+
+
+def _box_exporter(address: str, box_id: str) -> Any:
+    """This box's own Prometheus metrics on ``address:9464`` (memory, CPU), which the
+    head's ``/metrics/targets`` lists; None (logged) when the port is taken."""
+    from edgemesh.gateway.metrics import BOX_METRICS_PORT, serve_box_metrics
+
+    try:
+        return serve_box_metrics(address, BOX_METRICS_PORT, box_id)
+    except OSError as exc:
+        log.warning("box metrics not exported on %s:%d: %s", address, BOX_METRICS_PORT, exc)
+        return None
