@@ -326,6 +326,13 @@ class Engine:
                     return
                 finished = list(done)
                 done.clear()
+            # Deliver finished micro-batches first: their sequences are ready again
+            # and ride in the same step as newly admitted prompts (mixed prefill).
+            for future in finished:
+                self._complete(*in_flight.pop(future), future)
+            with self._cond:
+                if self._stopped:
+                    return
                 self._reap_cancelled()
                 while self._waiting and len(self._active) < self.config.max_sequences:
                     seq = self._waiting.popleft()
@@ -339,8 +346,6 @@ class Engine:
                 for batch in batches:
                     for seq in batch:
                         seq.in_flight = True
-            for future in finished:
-                self._complete(*in_flight.pop(future), future)
             for batch in batches:
                 inputs = self._inputs(batch)
                 picks = [self._pick(seq, inp) for seq, inp in zip(batch, inputs, strict=True)]
