@@ -348,10 +348,12 @@ async def _sse(job: Job, usage: bool, metrics: GatewayMetrics | None) -> AsyncIt
                     reason = "tool_calls" if reason == "stop" else reason
             if job.chat:
                 deltas: list[dict[str, Any]] = []
+                stream = streams[index]
                 if event.text:
-                    stream = streams[index]
                     deltas = list(stream.feed(event.text)) if stream else [{"content": event.text}]
-                    if stream and reason and stream.index >= 0 and reason != "length":
+                if stream is not None and reason is not None:
+                    deltas += list(stream.flush())
+                    if stream.index >= 0 and reason != "length":
                         reason = "tool_calls"
                 lps = (
                     formats.chat_logprobs(tok, [entry])

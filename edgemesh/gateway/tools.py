@@ -160,6 +160,13 @@ class CallStream:
             if (self.state, len(self.buffer)) == before:
                 return  # needs more text
 
+    def flush(self) -> Iterator[dict[str, Any]]:
+        """At the end: text held back as a possible call marker was content after all."""
+        if self.buffer.strip() and self.state in ("start", "between", "text"):
+            self.content.append(self.buffer)
+            yield {"content": self.buffer}
+        self.buffer = ""
+
     def _step(self) -> Iterator[dict[str, Any]]:
         if self.state in ("start", "between"):
             start = self.fmt.start or "{"
