@@ -242,8 +242,8 @@ function trackJob(job) {
   renderJob();
   if (job.state === "running") setTimeout(async () => {
     try { trackJob(await api(`api/jobs/${job.id}`)); } catch (e) { showError(e); }
-    refresh();
   }, 1000);
+  else refresh(true);
 }
 
 function renderJob() {
@@ -360,35 +360,48 @@ function render() {
   if (state.view === "events") renderEvents();
 }
 
-async function refresh() {
+const slow = {packages: 0};  // when the packages were last asked for (they ask every box)
+const inFlight = new Set();
+
+function apply(n, v) {
+  if (n === "overview") state.overview = v;
+  if (n === "boxes") { state.boxes = v.boxes; state.lost = v.lost || []; }
+  if (n === "models") { state.models = v.models; state.graphs = v.graph_models || []; }
+  if (n === "packages") state.packages = v.packages;
+  if (n === "v2" && !state.graphs.length) state.graphs = Array.isArray(v) ? v : (v.models || []);
+  if (n === "monitor") state.monitor = v;
+  if (n === "events") {  // polls overlap: keep each event once
+    state.events = state.events.concat(v.events.filter(e => e.seq > state.eventSeq)).slice(-1000);
+    state.eventSeq = Math.max(state.eventSeq, v.next);
+  }
+}
+
+async function refresh(force = false) {
   const view = state.view;
   const window_s = $("window").value;
   const wants = {overview: "api/overview", boxes: "api/boxes", models: "api/models",
                  events: `api/events?since=${state.eventSeq}`};
-  if (view === "models") wants.packages = "api/packages";
-  if (view === "models") wants.v2 = "v2/models";
+  if (view === "models" && (force || Date.now() - slow.packages > 10000)) {
+    wants.packages = "api/packages";
+    wants.v2 = "v2/models";
+  }
   if (view === "monitoring") wants.monitor = `api/monitor?window_s=${window_s}`;
-  const names = Object.keys(wants);
-  const results = await Promise.allSettled(names.map(n => api(wants[n])));
-  let failed = null;
-  results.forEach((r, i) => {
-    const n = names[i];
-    if (r.status === "rejected") {
-      if (n !== "v2") failed = failed || r.reason;  // no graph gateway here: nothing to list
-      return;
-    }
-    const v = r.value;
-    if (n === "overview") state.overview = v;
-    if (n === "boxes") { state.boxes = v.boxes; state.lost = v.lost || []; }
-    if (n === "models") { state.models = v.models; state.graphs = v.graph_models || []; }
-    if (n === "packages") state.packages = v.packages;
-    if (n === "v2" && !state.graphs.length) state.graphs = Array.isArray(v) ? v : (v.models || []);
-    if (n === "monitor") state.monitor = v;
-    if (n === "events") {  // polls overlap: keep each event once
-      state.events = state.events.concat(v.events.filter(e => e.seq > state.eventSeq)).slice(-1000);
-      state.eventSeq = Math.max(state.eventSeq, v.next);
+  // Each answer is shown as it comes: a slow one (a box that is slow to list
+  // its packages) must not hold back the others.
+  const calls = Object.keys(wants).filter(n => !inFlight.has(n)).map(async n => {
+    inFlight.add(n);
+    if (n === "packages") slow.packages = Date.now();
+    try {
+      apply(n, await api(wants[n]));
+      render();
+      return null;
+    } catch (e) {
+      return n === "v2" ? null : e;  // no graph gateway here: nothing to list
+    } finally {
+      inFlight.delete(n);
     }
   });
+  const failed = (await Promise.all(calls)).find(e => e);
   if (failed) showError(failed); else if (!state.job || state.job.state !== "failed") showError(null);
   render();
 }
@@ -405,7 +418,8 @@ document.addEventListener("click", ev => {
     state.view = t.dataset.view;
     document.querySelectorAll("#tabs button").forEach(b => b.classList.toggle("active", b === t));
     document.querySelectorAll(".view").forEach(v => { v.hidden = v.id !== "view-" + state.view; });
-    refresh();
+    render();
+    refresh(true);
     return;
   }
   const act = t.dataset.act;
