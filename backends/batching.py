@@ -148,6 +148,22 @@ class RangeGraphBackend(Backend):
             if seq is not None and seq.group is not None:
                 self._regroup(seq.group, keep=[i for i in seq.group.ids if i != seq_id])
 
+    def fork(self, src_seq_id: int, dst_seq_id: int) -> bool:
+        """``dst`` starts with a copy of ``src``'s cache (its own tensors; it joins a
+        decode group on its first decode step). False when ``src`` is unknown,
+        ``dst`` exists or every slot is taken."""
+        with self._lock:
+            seq = self._seqs.get(src_seq_id)
+            busy = len(self._seqs) >= self.max_sequences or dst_seq_id in self._seqs
+            if self._closed or seq is None or busy:
+                return False
+            copy = _Seq(length=seq.length)
+            if seq.length:
+                cache = self._rows(src_seq_id, {})
+                copy.kv = [self._kv_device(np.array(c[None], np.float32)) for c in cache]
+            self._seqs[dst_seq_id] = copy
+            return True
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

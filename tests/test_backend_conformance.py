@@ -381,3 +381,20 @@ def test_batched_decode_through_two_shards(subject: Subject) -> None:
             for r, s in zip(ref, split, strict=True):
                 assert int(np.argmax(r[-1])) == int(np.argmax(s[-1]))
                 np.testing.assert_allclose(s, r, atol=SPLIT_TOL * float(np.abs(r).max()), rtol=0)
+
+
+def test_fork_copies_a_sequence_cache(subject: Subject) -> None:
+    """A forked sequence continues exactly like its source, and both decode
+    together afterwards (n samples of one prompt share its prefill)."""
+    prompt = _ids(6, 31)
+    with subject.open() as backend:
+        first = backend.forward([SeqInput(1, 0, tokens=prompt)])[0]
+        if not backend.fork(1, 2):
+            pytest.skip(f"{subject.cls.name} cannot fork a sequence (Backend.fork)")
+        assert not backend.fork(1, 2)  # dst exists
+        tok = np.array([int(np.argmax(first[-1]))], np.int64)
+        a, b = backend.forward([SeqInput(1, 6, tokens=tok), SeqInput(2, 6, tokens=tok)])
+        np.testing.assert_allclose(b, a, atol=1e-4 * float(np.abs(a).max()), rtol=0)
+        backend.release(1)
+        c = backend.forward([SeqInput(2, 7, tokens=np.array([int(np.argmax(b[-1]))]))])[0]
+        assert c.shape == a.shape and np.isfinite(c).all()
