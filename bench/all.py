@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.bench import report
+from edgemesh.reexec import module_argv
 
 
 def _needs_root() -> str | None:
@@ -54,7 +55,7 @@ def run(only: list[str] | None = None, package: Path | None = None) -> dict[str,
             continue
         print(f"[bench] {name}: python -m {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", *argv], check=False)
+        proc = subprocess.run(module_argv(*argv), check=False)
         outcome[name] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0)}
         if proc.returncode != 0:
             print(f"[bench] {name} failed with exit code {proc.returncode}", flush=True)

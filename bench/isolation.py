@@ -7,19 +7,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edgemesh.reexec import module_argv
+
 
 def run_worker(module: str, job: dict[str, Any], label: str) -> dict[str, Any]:
     """``python -m MODULE --worker JOB``: one measurement in a fresh process (no
     allocator or thread-pool state carried over), whose last stdout line is its
     JSON result. Raises RuntimeError with the worker's stderr when it fails."""
-    cmd = [sys.executable, "-m", module, "--worker", json.dumps(job)]
+    cmd = module_argv(module, "--worker", json.dumps(job))
     load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from edgemesh.reexec import module_argv
+
 RESULTS = Path("bench/results")
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "
@@ -133,7 +135,7 @@ def rpc_servers(
         for i in range(n):
             port = _free_port()
             endpoint = f"127.0.0.1:{port}"
-            argv = [sys.executable, "-m", "edgemesh.bench.llamacpp_rpc", "--serve", endpoint]
+            argv = module_argv("edgemesh.bench.llamacpp_rpc", "--serve", endpoint)
             argv += ["--threads", str(threads)]
             if cache_dir:
                 argv += ["--server-cache", cache_dir]

@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from edgemesh.bench.meshlab import (
     wait_until,
 )
 from edgemesh.errors import MeshError
+from edgemesh.reexec import edgemesh_argv, python_argv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "wide"
@@ -182,7 +182,7 @@ def planner_single(package: Path, limit: int, tmp: Path) -> dict[str, Any]:
         )
     )  # fmt: skip
     out = subprocess.run(
-        [sys.executable, "-m", "edgemesh", "plan", "--model", str(package), "--boxes",
+        [*edgemesh_argv("plan"), "--model", str(package), "--boxes",
          str(profiles), "--context", "256", "--sequences", "4"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -222,7 +222,7 @@ def load_whole_in_one_box(package: Path, limit: int) -> dict[str, Any]:
     with Limits(None, limit, name="membench") as cg:
         t = time.monotonic()
         proc = subprocess.run(
-            cg.wrap([sys.executable, "-c", _LOAD_WHOLE, str(package)]),
+            cg.wrap(python_argv(_LOAD_WHOLE, str(package))),
             capture_output=True, text=True, timeout=900, check=False,
         )  # fmt: skip
         seconds = time.monotonic() - t

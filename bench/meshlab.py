@@ -17,7 +17,6 @@ import itertools
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgemesh.bench.netns import Box, NetnsLab
 from edgemesh.errors import BoxLostError, MeshError
+from edgemesh.reexec import edgemesh_argv
 
 T = TypeVar("T")
 
@@ -74,8 +74,7 @@ class MeshBox:
         return self._id
 
     def join(self) -> None:
-        argv = [sys.executable, "-m", "edgemesh", "join", "--mesh", self.mesh,
-                "--secret-file", self.secret]  # fmt: skip
+        argv = edgemesh_argv("join", "--mesh", self.mesh, "--secret-file", self.secret)
         if not self.default_flags:
             argv += ["--state-dir", self.state, "--box-id", self.id, "--interface", "eth0",
                      "--settle", "2"]  # fmt: skip
@@ -115,7 +114,7 @@ class MeshBox:
         return list(follow(self.state, from_start=True, timeout=0, poll_s=0))
 
     def edgemesh(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return self.box.run([sys.executable, "-m", "edgemesh", *args], timeout=timeout)
+        return self.box.run(edgemesh_argv(*args), timeout=timeout)
 
     def log_tail(self, n: int = 3000) -> str:
         path = self.box.dir / "join.log"

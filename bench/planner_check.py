@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.bench import cgroups
+from edgemesh.reexec import edgemesh_argv, module_argv
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planner_check.json"
 
@@ -37,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "planner_check.json"
 def _fingerprint(
     box: cgroups.Limits, box_id: str, cache: Path, model: Path | None
 ) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "edgemesh", "info", "--json", "--measure"]
+    argv = edgemesh_argv("info", "--json", "--measure")
     argv += ["--id", box_id, "--cache-dir", str(cache)]
     if model is not None:
         argv += ["--calibrate", str(model)]
@@ -48,7 +49,7 @@ def _fingerprint(
 def _measure_stage(
     box: cgroups.Limits, model: Path, stage: dict[str, Any], threads: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "edgemesh.bench.planner_check", "--worker", "--model", str(model)]
+    argv = module_argv("edgemesh.bench.planner_check", "--worker", "--model", str(model))
     argv += ["--layers", f"{stage['layers'][0]},{stage['layers'][1]}"]
     argv += ["--backend", stage["backend"], "--precision", stage["precision"]]
     argv += ["--threads", str(threads), "--position", str(args.position)]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.bench import backends
+from edgemesh.reexec import edgemesh_argv, module_argv
 
 RESULTS = Path("bench/results")
 
@@ -106,7 +107,7 @@ def _spawn_gateway(
 ) -> dict[str, Any]:
     job = {"gguf": str(gguf), "prompt": prompt, "tokens": tokens, "threads": threads}
     job["repeats"] = repeats
-    cmd = [sys.executable, "-m", "edgemesh.bench.single", json.dumps(job)]
+    cmd = module_argv("edgemesh.bench.single", json.dumps(job))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker gateway-llamacpp failed:\n{proc.stderr[-2000:]}")
@@ -125,7 +126,7 @@ def _gateway_worker(job: dict[str, Any]) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "edgemesh", "serve", "--model", job["gguf"], "--port", str(port)]
+    argv = edgemesh_argv("serve", "--model", job["gguf"], "--port", str(port))
     argv += ["--threads", str(job["threads"]), "--context", "1024", "--log-level", "warning"]
     t0 = time.perf_counter()
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server

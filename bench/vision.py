@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from edgemesh.reexec import edgemesh_argv
+
 MODELS = {
     "mobilenet_v3_small": ("edgemesh.bench.vision_models:mobilenet_v3_small", (3, 224, 224)),
     "resnet18": ("edgemesh.bench.vision_models:resnet18", (3, 224, 224)),
@@ -180,7 +182,7 @@ def _http(package: Path, name: str, in_name: str, x1: np.ndarray, threads: int, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "edgemesh", "serve", "--model", str(package), "--port", str(port),
+        [*edgemesh_argv("serve"), "--model", str(package), "--port", str(port),
          "--threads", str(threads), "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

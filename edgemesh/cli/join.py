@@ -58,11 +58,13 @@ def _configure_logging(verbose: bool) -> None:
 
 def _detach(state_dir: Path) -> None:
     """Run the same join again in a new session, logging to the state folder."""
+    from edgemesh.reexec import edgemesh_argv
+
     argv = [a for a in sys.argv[1:] if a != "--detach"]
     log_path = state_dir / "agent.log"
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgemesh", *argv],
+            edgemesh_argv(*argv),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import MeshError, ModelUnavailableError, require
+from edgemesh.reexec import edgemesh_argv
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def spawn_restore(state_dir: Path, store: Any) -> subprocess.Popen[bytes] | None
     except Exception as exc:  # unreadable records: nothing to restore from
         log.warning("cannot read the deployment records: %r", exc)
         return None
-    argv = [sys.executable, "-m", "edgemesh", "deploy", "--restore", "--state-dir", str(state_dir)]
+    argv = edgemesh_argv("deploy", "--restore", "--state-dir", str(state_dir))
     with open(Path(state_dir) / "restore.log", "ab") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

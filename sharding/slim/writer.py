@@ -38,7 +38,9 @@ class Draft:
     def __init__(self, out: Path, overwrite: bool) -> None:
         self.out = check_out(out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.out)
         self.work = Path(tempfile.mkdtemp(prefix=f".slim-{self.out.name}-", dir=self.out.parent))
+        (self.work / "pid").write_text(str(os.getpid()))
         self.root = self.work / "pkg"
         self.root.mkdir()
         self.written: set[str] = set()
@@ -91,3 +93,19 @@ class Draft:
             os.replace(self.out, old)
         os.replace(self.root, self.out)
         return self.out
+
+
+def _remove_stale(out: Path) -> None:
+    """Drop drafts for ``out`` left by a killed run (SIGKILL/SIGTERM skip ``__exit__``):
+    those whose recorded process is gone."""
+    for folder in out.parent.glob(f".slim-{out.name}-*"):
+        try:
+            pid = int((folder / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
