@@ -294,7 +294,7 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
             assert got.json()["choices"][0]["text"] == tok.decode(
                 [t for t in want if t not in tok.eos_ids]
             )
-            metrics = client.get(record["gateway"].removesuffix("/v1") + "/metrics").json()
+            metrics = client.get(record["gateway"].removesuffix("/v1") + "/metrics/json").json()
             ran = [s["box"] for s in metrics["tiny"]["info"]["stages"]]
             assert ran == [s["box"] for s in stages]
     finally:

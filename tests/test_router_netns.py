@@ -196,7 +196,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
         # -- 2. exact output, 16 concurrent streamed chats, metrics -----------
         client = openai.OpenAI(base_url=record["gateway"], api_key="unused", timeout=300)
         http = httpx.Client(timeout=60)
-        metrics_url = record["gateway"].removesuffix("/v1") + "/metrics"
+        metrics_url = record["gateway"].removesuffix("/v1") + "/metrics/json"
 
         def stages_now() -> list[dict]:
             return http.get(metrics_url).json()["tiny"]["info"]["stages"]
@@ -281,7 +281,7 @@ def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> No
         client = openai.OpenAI(base_url=new_url + "/v1", api_key="unused", timeout=300)
         results = run_chats(client, "tiny", texts[:4], CHAT_TOKENS)
         assert [r[0] for r in results] == wants[:4]
-        ran = http.get(new_url + "/metrics").json()["tiny"]["info"]["stages"]
+        ran = http.get(new_url + "/metrics/json").json()["tiny"]["info"]["stages"]
         assert {s["box"] for s in ran} <= {deployer.id, victim.id}
     finally:
         shown = ", ".join(f"{k}={v:.1f}" for k, v in figures.items())
