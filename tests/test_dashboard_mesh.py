@@ -177,6 +177,8 @@ def test_mesh_dashboard_lists_every_box_deploys_and_shows_a_lost_box(
         events = httpx.get(base + "/api/events", timeout=30).json()["events"]
         kinds = {e["kind"] for e in events}
         assert {"join", "lost", "deploy", "recover", "remove"} <= kinds, kinds
+        deployed = {e["model"] for e in events if e["kind"] == "deploy"}
+        assert deployed == {"tiny", "tiny2"}  # the shell's deploy too, not only the page's
     finally:
         for b in boxes:
             b.pull_plug()

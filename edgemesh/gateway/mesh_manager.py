@@ -63,20 +63,27 @@ class MeshManager(Manager):
 
     def attach(self, app: Any) -> None:
         super().attach(app)
-        # What the records already hold: the deploys made before this gateway
-        # started (by `edgemesh deploy`, or on another head).
+        # The models this gateway was started with (by `edgemesh deploy`, or a
+        # restore on a new head); their records may still be in the making
+        # (deploy writes them once the gateway is up), so the stages come
+        # from the services and the time from a record when there is one.
         try:
-            for name, record in sorted(self._records()["models"].items()):
-                where = ", ".join(f"{st['box']} {st['layers']}" for st in record.get("stages", []))
-                self.events.add(
-                    "deploy",
-                    f"'{name}' deployed from {record.get('origin_box')}: {where}",
-                    model=name,
-                    box=record.get("origin_box"),
-                    at=float(record.get("deployed") or time.time()),
-                )
+            records = self._records()["models"]
         except Exception as exc:  # the log is a convenience: serving goes on
             log.warning("could not read the deployment records for the event log: %r", exc)
+            records = {}
+        for name, service in sorted(self.services.items()):
+            record = records.get(name, {})
+            where = ", ".join(
+                f"{st.get('box')} {st.get('layers')}" for st in service.info.get("stages", [])
+            )
+            self.events.add(
+                "deploy",
+                f"serving '{name}': {where}",
+                model=name,
+                box=record.get("origin_box"),
+                at=float(record.get("deployed") or time.time()),
+            )
 
     # -- what the head knows ------------------------------------------------
 
