@@ -59,9 +59,10 @@ def _summary(result: Any, json_output: bool) -> None:
     typer.echo(f"  fp32 reference: held-out perplexity {ref['perplexity']:.3f}")
     for p, q in data["quality"].items():
         loss = data["loss_vs_fp32"][p]
+        speed = q["decode_tokens_per_s"]
         typer.echo(
             f"  {p}: perplexity {q['perplexity']:.3f} ({loss * 100:+.1f}% vs fp32), "
-            f"{q['disk_bytes'] / 1e6:.1f} MB, {q['decode_tokens_per_s']} tokens/s"
+            f"{q['disk_bytes'] / 1e6:.1f} MB" + (f", {speed} tokens/s" if speed else "")
         )
 
 

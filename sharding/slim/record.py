@@ -69,6 +69,11 @@ def finish(
     pkg = open_package(draft.root)
     reference = measure(source, "fp32", threads=threads, score=score, say=say)
     quality = {p: measure(pkg, p, threads=threads, score=score, say=say) for p in precisions}
+    # the other quantised precisions get their held-out perplexity too: the planner
+    # refuses an int8/int4 whose accuracy is unmeasured
+    for p in pkg.precisions:
+        if p not in quality and p in ("int8", "int4") and manifest.accuracy.get(p) is None:
+            quality[p] = measure(pkg, p, threads=threads, score=False, speed=False, say=say)
     accuracy = dict(manifest.accuracy)
     for p, q in quality.items():
         accuracy[p] = relative_loss(q, reference)
