@@ -99,7 +99,16 @@ def install(app: FastAPI, boxes: dashboard.BoxesProvider | None) -> None:
     metrics = GatewayMetrics(lambda: dict(app.state.services))
     app.state.metrics = metrics
     app.add_middleware(RequestIds, metrics=metrics)
-    provider = boxes or dashboard.local_boxes
+
+    def provider() -> list[dict[str, Any]]:
+        # The dashboard's source of boxes: the given provider, else the management
+        # API's manager (the mesh's members), else this box.
+        if boxes is not None:
+            return boxes()
+        manager = getattr(app.state, "manager", None)
+        if manager is not None:
+            return list(manager.boxes()["boxes"])
+        return dashboard.local_boxes()
 
     @app.get("/metrics", include_in_schema=True)
     async def prometheus() -> Response:

@@ -28,6 +28,7 @@ from edgemesh.errors import ContextOverflowError, EdgemeshError, RequestError
 from edgemesh.gateway import errors, formats
 from edgemesh.gateway.body import parse_json, read_body
 from edgemesh.gateway.metrics import GatewayMetrics, TokenClock
+from edgemesh.gateway.observe import request_id
 from edgemesh.gateway.schemas import ChatRequest, CompletionRequest, _Request
 from edgemesh.gateway.service import ModelService
 from edgemesh.gateway.tools import CallStream, parse_calls, tool_grammar
@@ -165,6 +166,15 @@ async def _submit(
     grammar: Grammar | None = None,
 ) -> Job:
     n = body.n or 1
+    log.info(
+        "[request %s] %s: %d prompt(s) x n=%d, %d prompt tokens%s",
+        request_id.get(),
+        "chat" if chat else "completion",
+        len(prompts),
+        n,
+        sum(len(p) for p in prompts),
+        f", user {body.user!r}" if body.user else "",
+    )
     gens: list[Generation] = []
     job = Job(service, prompts, gens, chat, n, logprobs=logprobs, score_prompt=score_prompt)
     job.ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
