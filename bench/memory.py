@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
 from edgemesh.bench.meshlab import (
     BoxLimits,
     MeshLab,
@@ -83,9 +84,8 @@ MB = 1 << 20
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("EDGEMESH_CACHE_DIR") or str(Path.home() / ".cache" / "edgemesh")
     tag = "-".join(str(v) for v in SHAPE.values())
-    return Path(base) / "bench" / f"wide-qwen3-{tag}"
+    return paths.bench_dir() / f"wide-qwen3-{tag}"
 
 
 def build_package() -> Path:

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgemesh import paths
 from edgemesh.errors import CorruptArtifactError, MissingExtraError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,7 @@ def default_package(cache_dir: Path | None = None) -> Path:
     from edgemesh.sharding.convert import convert
     from edgemesh.sharding.package import open_package
 
-    root = cache_dir or Path(
-        os.environ.get("EDGEMESH_CACHE_DIR") or Path.home() / ".cache" / "edgemesh"
-    )
-    target = root / "packages" / DEFAULT_MODEL
+    target = (cache_dir / "packages" if cache_dir else paths.packages_dir()) / DEFAULT_MODEL
     if (target / "manifest.json").is_file():
         try:
             open_package(target)

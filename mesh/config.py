@@ -1,8 +1,7 @@
 """Where a box keeps its mesh state, and the mesh secret.
 
-This is the one module of ``edgemesh.mesh`` that reads environment
-variables (``EDGEMESH_STATE_DIR``, ``XDG_STATE_HOME``, ``HOME`` through
-``Path.home()``), so tests and users can see every knob in one place.
+The state folder's location follows the one rule of ``edgemesh.paths``
+(``EDGEMESH_STATE_DIR``, ``XDG_STATE_HOME``, ``~/.local/state``).
 
 A box's state folder holds::
 
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
 from edgemesh.errors import AuthError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,7 @@ def check_mesh_name(mesh: str) -> str:
 def default_state_dir(mesh: str) -> Path:
     """``$EDGEMESH_STATE_DIR`` if set (used as is), else
     ``$XDG_STATE_HOME/edgemesh/<mesh>`` (``~/.local/state/edgemesh/<mesh>``)."""
-    explicit = os.environ.get("EDGEMESH_STATE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base).expanduser() / "edgemesh" / mesh
+    return paths.mesh_state_dir(mesh)
 
 
 def state_folder(state_dir: Path | None = None, mesh: str | None = None) -> Path:

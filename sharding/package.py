@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
 from edgemesh.errors import ConfigError, CorruptArtifactError, ModelNotFoundError, require
 from edgemesh.sharding.manifest import Manifest, verify_artifact
 from edgemesh.sharding.range_cache import RANGE_CACHE_BYTES, mark_used, prune
@@ -64,8 +65,7 @@ def piece_path(kind: str, precision: str, index: int | None = None) -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgemesh" / "ranges"
+    return paths.ranges_dir()
 
 
 def write_piece(model: Any, folder: Path, rel: str, threshold: int = 1024) -> list[str]:

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from edgemesh import paths
 from edgemesh.errors import BackendError, FingerprintError, MissingExtraError
 from edgemesh.fingerprint import kernels
 from edgemesh.fingerprint.model import CpuInfo, MatmulFigure, Measurement
@@ -47,13 +48,9 @@ _DISTRIBUTIONS = {
 
 
 def default_cache_dir() -> Path:
-    """``$EDGEMESH_CACHE_DIR/measure``, else ``~/.cache/edgemesh/measure``.
-
-    The only place the fingerprint reads the environment.
-    """
-    root = os.environ.get("EDGEMESH_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "edgemesh"
-    return base / "measure"
+    """``<cache>/measure`` (``edgemesh.paths``: ``$EDGEMESH_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/edgemesh``, else ``~/.cache/edgemesh``)."""
+    return paths.measure_dir()
 
 
 def library_versions(backends: list[str]) -> dict[str, str]:

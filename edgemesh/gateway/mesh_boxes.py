@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
 from edgemesh.errors import ModelNotFoundError, NotFoundError
 from edgemesh.gateway.manager import this_box_live
 
@@ -44,8 +45,8 @@ def stop_agent() -> str:
 
     from edgemesh.mesh.status import read_agent_state
 
-    folder = os.environ.get("EDGEMESH_STATE_DIR")
-    doc = read_agent_state(Path(folder)) if folder else None
+    folder = paths.agent_state_dir()
+    doc = read_agent_state(folder) if folder else None
     if doc is None:
         raise NotFoundError(
             "this box's agent state was not found (EDGEMESH_STATE_DIR unset or stale)",

@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
+
 
 def search_roots(extra: Iterable[str] = ()) -> list[Path]:
-    cache = Path(os.environ.get("EDGEMESH_CACHE_DIR") or Path.home() / ".cache" / "edgemesh")
-    roots = [cache / "packages"]
-    roots += [Path(p) for p in os.environ.get("EDGEMESH_PACKAGES", "").split(":") if p]
+    roots = paths.package_search_dirs()
     roots += [Path(p) for p in extra if p]
     return roots
 

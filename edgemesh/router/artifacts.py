@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
 from edgemesh.errors import CorruptArtifactError, ModelNotFoundError
 from edgemesh.sharding.manifest import MANIFEST_NAME, Manifest, verify_artifact
 
@@ -34,8 +35,7 @@ ReadChunk = Callable[[str, int, int], bytes]
 
 def default_cache_root(box_id: str) -> Path:
     """Per box, so several boxes on one host (namespaces) never share a cache."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgemesh" / "boxes" / _slug(box_id) / "artifacts"
+    return paths.box_cache_dir(_slug(box_id)) / "artifacts"
 
 
 def manifest_digest(manifest_bytes: bytes) -> str:
