@@ -349,11 +349,21 @@ def test_a_tool_conversation_renders(client: openai.OpenAI) -> None:
     assert out.choices[0].message.content
 
 
-def test_request_ids_metrics_and_targets(server: str, client: openai.OpenAI) -> None:
+def test_request_ids_metrics_and_targets(
+    server: str, client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     resp = httpx.get(server + "/v1/models", headers={"x-request-id": "my-id-42"})
     assert resp.headers["x-request-id"] == "my-id-42"
+    with caplog.at_level("INFO", logger="edgemesh.gateway"):
+        out = client.completions.with_raw_response.create(
+            model=M, prompt="Hi", max_tokens=2, extra_headers={"x-request-id": "trace-7"}
+        )
+    assert out.headers["x-request-id"] == "trace-7"
+    carried = [r.getMessage() for r in caplog.records if "trace-7" in r.getMessage()]
+    assert any("completion: 1 prompt(s)" in m for m in carried)  # the handler's line
+    assert any("/v1/completions -> 200" in m for m in carried)  # the access line
     assert httpx.get(server + "/v1/models").headers["x-request-id"].startswith("req-")
     client.chat.completions.create(model=M, messages=ASK, max_tokens=4, stream=True).close()
     client.completions.create(model=M, prompt="Hi", max_tokens=3)
