@@ -281,6 +281,16 @@ def figure(result: dict[str, Any] | None) -> str:
              "accuracy loss / note"], rows))
     parts.append(_provenance(result))
     parts.append(f"_Load average after the run:_ {' '.join(result.get('loadavg_after', []))}\n")
+    machine = result.get("machine", {})
+    seen = [*machine.get("loadavg_before", []), *result.get("loadavg_after", [])]
+    loads = [float(x) for x in seen]
+    if loads and max(loads) > machine.get("cores", 1):
+        parts.append(
+            f"\n_This run shared the machine with other work (load average up to {max(loads):.0f} "
+            f"on {machine.get('cores')} cores): every figure, the ratios and the gateway's cost "
+            "included (it can even come out negative), is distorted by that contention. Re-run "
+            "`python -m edgemesh.bench.vision` on a quiet box before quoting one._\n"
+        )
     return "".join(parts)
 
 
