@@ -61,13 +61,12 @@ def tool_grammar(
         repeat = "+"
     schema = {"anyOf": [call_schema(t, fmt) for t in tools]}
     call = f"call: {_lark_string(fmt.start)} {embedded_schema(schema)} {_lark_string(fmt.end)}"
-    if choice == "auto" and fmt.start:
-        # Free text may not begin with the call marker, so a reply that starts
-        # one is a call the grammar completes.
-        first = re.escape(fmt.start[0])
-        body = f"start: calls | TEXT\ncalls: call+\nTEXT: /[^{first}][\\s\\S]*/\n{call}\n"
-    elif choice == "auto":
-        body = f"start: calls | TEXT\ncalls: call+\nTEXT: /[^{{][\\s\\S]*/\n{call}\n"
+    if choice == "auto":
+        # Free text may not begin (after blanks) with the call marker, so a reply
+        # that starts one is a call the grammar completes.
+        first = re.escape(fmt.start[0] if fmt.start else "{")
+        text = f"TEXT: /\\s*[^{first}\\s][\\s\\S]*/"
+        body = f"start: calls | TEXT\ncalls: call+\n{text}\n{call}\n"
     else:
         sep = ' "\\n" ' if not fmt.end else " "
         body = f"start: call ({sep}call)*\n{call}\n" if repeat else f"start: call\n{call}\n"
