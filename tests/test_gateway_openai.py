@@ -213,7 +213,7 @@ def test_embeddings_are_unit_vectors(client: openai.OpenAI) -> None:
     assert len(short.data[0].embedding) == 64
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("temperature", [0.0, 2.0])  # 1.5 in test_gateway_mesh.py
 def test_json_schema_output_is_always_valid(client: openai.OpenAI, temperature: float) -> None:
     out = client.chat.completions.create(
         model=M,
@@ -253,7 +253,7 @@ def _check_call(call: object, tools: list[dict]) -> None:
     assert call.id.startswith("call_")  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.5])
+@pytest.mark.parametrize("temperature", [1.5])  # greedy: test_tool_calls_stream_as_deltas
 def test_tool_choice_required_and_named(client: openai.OpenAI, temperature: float) -> None:
     tools = [WEATHER, TIME]
     out = client.chat.completions.create(
