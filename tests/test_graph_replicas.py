@@ -110,3 +110,13 @@ def test_each_box_times_its_engine_at_load(package: Path) -> None:
         assert service.info["measured_p50_ms"] > 0
     finally:
         service.close()
+
+
+def test_deploy_of_a_graph_package_says_what_to_run_instead(package: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgemesh.cli import app
+
+    result = CliRunner().invoke(app, ["deploy", str(package), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "is a graph package" in result.output and "--replica" in result.output

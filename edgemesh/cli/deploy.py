@@ -99,6 +99,17 @@ def command(
                 )
         if restore == (model_dir is not None):
             raise ConfigError("give either MODEL_DIR or --restore")
+        from edgemesh.graph.manifest import is_graph_package
+
+        if model_dir is not None and is_graph_package(model_dir):
+            from edgemesh.errors import UnsupportedModelError
+
+            # Graph replicas are not in the mesh's deployment records yet (docs/MODELS.md).
+            raise UnsupportedModelError(
+                f"'{model_dir}' is a graph package; `edgemesh deploy` places LLM packages only",
+                hint="run `edgemesh serve --model DIR` on each box and `edgemesh serve --model "
+                "DIR --replica http://BOX:PORT ...` on the head",
+            )
         if not restore:
             # `status` lists a box before it is in the Ray cluster: planning then
             # would leave it out (or fail here), so wait for the mesh to settle.
