@@ -293,3 +293,18 @@ def test_one_gateway_serves_llm_v1_and_graph_v2(package: Path, default_gguf: Pat
     finally:
         graph.close()
         llm.close()
+
+
+def test_tritonclient_options_compression_and_versions(server: tuple[str, object]) -> None:
+    url, _ = server
+    client = triton.InferenceServerClient(url)
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    plain = client.infer("cls", [_input(x)]).as_numpy("output")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer("cls", [_input(x)], request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(packed.as_numpy("output"), plain)
+    versioned = client.infer("cls", [_input(x)], model_version="1").as_numpy("output")
+    np.testing.assert_array_equal(versioned, plain)
+    assert client.is_model_ready("cls", "1") and not client.is_model_ready("cls", "2")
+    r = httpx.get(f"http://{url}/v2/models/cls/versions/2")
+    assert r.status_code == 404 and "only version 1" in r.json()["error"]

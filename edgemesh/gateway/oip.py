@@ -67,7 +67,9 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
     ``queue_depth``, ``info``; a ``ReplicaSet`` is one too)."""
     app.state.graphs = {g.name: g for g in graphs}
 
-    def model(name: str) -> Any:
+    def model(name: str, version: str | None = None) -> Any:
+        if version not in (None, "1"):
+            raise _ModelNotFound(f"model '{name}' has only version 1, not '{version}'")
         found = app.state.graphs.get(name)
         if found is None:
             raise _ModelNotFound(
@@ -92,18 +94,19 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
     async def models() -> dict[str, Any]:
         return {"models": [_stats(g) for g in app.state.graphs.values()]}
 
-    async def metadata(m: str) -> Response:
+    async def metadata(m: str, v: str | None = None) -> Response:
         try:
-            return JSONResponse(model(m).metadata())
+            return JSONResponse(model(m, v).metadata())
         except EdgemeshError as exc:
             return oip_error(exc)
 
-    async def model_ready(m: str) -> Response:
-        return Response(status_code=200 if m in app.state.graphs else 404)
+    async def model_ready(m: str, v: str | None = None) -> Response:
+        ok = m in app.state.graphs and v in (None, "1")
+        return Response(status_code=200 if ok else 404)
 
-    async def config(m: str) -> Response:
+    async def config(m: str, v: str | None = None) -> Response:
         try:
-            g = model(m)
+            g = model(m, v)
         except EdgemeshError as exc:
             return oip_error(exc)
         return JSONResponse(g.config())
@@ -114,10 +117,10 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
         except EdgemeshError as exc:
             return oip_error(exc)
 
-    async def infer(m: str, request: Request) -> Response:
+    async def infer(m: str, request: Request, v: str | None = None) -> Response:
         try:
-            g = model(m)
-            body = await request.body()
+            g = model(m, v)
+            body = _decompress(await request.body(), request.headers.get("content-encoding"))
             header, feeds, binary_out = parse_infer(body, request.headers.get(HEADER_LENGTH))
             names = [o["name"] for o in g.metadata()["outputs"]]
             if unknown := [n for n in binary_out if n not in names]:
@@ -141,6 +144,22 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
 def _stats(g: Any) -> dict[str, Any]:
     return {"name": g.name, "ready": True, "queue_depth": g.queue_depth, **g.stats(),
             "edgemesh": g.info}
+
+
+def _decompress(body: bytes, encoding: str | None) -> bytes:
+    """tritonclient's ``request_compression_algorithm`` (gzip or deflate)."""
+    import zlib
+
+    if not encoding or encoding == "identity":
+        return body
+    try:
+        if encoding == "gzip":
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except zlib.error as exc:
+        raise TensorError(f"the {encoding} request body cannot be decompressed: {exc}") from None
+    raise TensorError(f"Content-Encoding '{encoding}' is not supported (gzip, deflate)")
 
 
 def parse_infer(
