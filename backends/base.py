@@ -102,6 +102,22 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class BoxFacts:
+    """What a backend reads to judge whether it suits a box (``Backend.suits``):
+    the fingerprint's static facts, so judging probes and imports nothing."""
+
+    arch: str
+    """``uname -m``: ``x86_64``, ``aarch64``..."""
+    cpu_vendor: str | None = None
+    """``/proc/cpuinfo`` vendor: ``GenuineIntel``, ``AuthenticAMD``; None on ARM."""
+    features: tuple[str, ...] = ()
+    """CPU flags (``avx2``, ``avx512_vnni``, ``asimddp``...)."""
+    accelerators: tuple[str, ...] = ()
+    """Accelerator kinds found (``nvidia-gpu``, ``jetson-gpu``, ``rockchip-npu``...)."""
+    memory_limit_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """Runtime knobs from the fingerprint and config (never from env vars)."""
 
@@ -154,10 +170,36 @@ class Backend(ABC):
     """The pip extra that installs the runtime."""
     module: ClassVar[str]
     """The runtime's import name, probed by ``available()``."""
+    preferred_precision: ClassVar[str | None] = None
+    """The weight precision this backend's hardware runs best (fp16 on tensor
+    cores, int8 on an NPU). When this backend ranks first on a box, it is the
+    box's default precision; None lets the CPU rule decide
+    (``edgemesh.fingerprint.policy``)."""
+    matmul_probe: ClassVar[str | None] = None
+    """The micro-benchmark that prices this backend when a box is measured
+    (a key of ``edgemesh.fingerprint.kernels.RUNNERS``: ``onnxruntime``,
+    ``openvino``); None: priced from the box's numpy reference (``cpu``)."""
 
     def __init__(self, shard: ShardSpec, options: BackendOptions | None = None) -> None:
         self.shard = shard
         self.options = options or BackendOptions()
+
+    @classmethod
+    def suits(cls, box: BoxFacts) -> int | None:
+        """How well this backend suits ``box``: a rank, higher is better, or None
+        when the hardware does not call for it (then the fingerprint never
+        lists it). Reads only ``box``; imports nothing. In-tree ranks:
+        tensorrt 50, rknn 40, openvino 30, llamacpp 20, onnxruntime 10."""
+        return None
+
+    @classmethod
+    def installed(cls) -> bool:
+        """Whether the runtime module is importable here (``find_spec`` only)."""
+        try:
+            return importlib.util.find_spec(cls.module) is not None
+        except (ImportError, ValueError):
+            # A broken half-installed package raises here; it will not import either.
+            return False
 
     @classmethod
     def available(cls) -> str | None:

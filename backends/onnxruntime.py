@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import PRECISIONS, Capabilities, ShardSpec, nvidia_gpu_present
+from edgemesh.backends.base import (
+    PRECISIONS,
+    BoxFacts,
+    Capabilities,
+    ShardSpec,
+    nvidia_gpu_present,
+)
 from edgemesh.backends.batching import RangeGraphBackend
 from edgemesh.errors import BackendUnavailableError, ConfigError, ShardLoadError, require
 
@@ -72,6 +78,7 @@ class OnnxRuntimeBackend(RangeGraphBackend):
     label = "onnxruntime"
     module = "onnxruntime"
     extra = "onnx"
+    matmul_probe = "onnxruntime"
     capabilities = Capabilities(
         partial_ranges=True,
         precisions=PRECISIONS,
@@ -80,6 +87,10 @@ class OnnxRuntimeBackend(RangeGraphBackend):
         needs_compiled_artifact=False,
         devices=("cpu", "cuda"),
     )
+
+    @classmethod
+    def suits(cls, box: BoxFacts) -> int | None:
+        return 10  # the portable fallback: every box
 
     @classmethod
     def device_unavailable(cls, device: str) -> str | None:

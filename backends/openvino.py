@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import PRECISIONS, Capabilities, ShardSpec
+from edgemesh.backends.base import PRECISIONS, BoxFacts, Capabilities, ShardSpec
 from edgemesh.backends.batching import RangeGraphBackend
 from edgemesh.errors import BackendUnavailableError, ConfigError, ShardLoadError, require
 
@@ -108,6 +108,7 @@ class OpenVinoBackend(RangeGraphBackend):
     label = "OpenVINO"
     module = "openvino"
     extra = "openvino"
+    matmul_probe = "openvino"
     capabilities = Capabilities(
         partial_ranges=True,
         precisions=PRECISIONS,
@@ -116,6 +117,12 @@ class OpenVinoBackend(RangeGraphBackend):
         needs_compiled_artifact=False,
         devices=("cpu", "gpu"),
     )
+
+    @classmethod
+    def suits(cls, box: BoxFacts) -> int | None:
+        # Intel's own CPUs; on AMD its kernels are not the better choice.
+        intel = box.arch in ("x86_64", "i686") and box.cpu_vendor == "GenuineIntel"
+        return 30 if intel else None
 
     @classmethod
     def device_unavailable(cls, device: str) -> str | None:

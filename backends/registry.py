@@ -2,7 +2,10 @@
 
 A built-in backend is any module of this package that defines ``BACKEND``
 (adding hardware = adding one file). Out-of-tree backends register an entry
-point in the ``edgemesh.backends`` group pointing at their class.
+point in the ``edgemesh.backends`` group pointing at their class. Both take
+the same path: each class says itself whether it suits a box
+(``Backend.suits``), and ``ranked`` orders them for the fingerprint, whose
+list the planner reads.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pkgutil
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from edgemesh.backends.base import Backend
+from edgemesh.backends.base import Backend, BoxFacts
 from edgemesh.errors import BackendUnavailableError, ConfigError
 
 _NOT_BACKENDS = {"base", "registry", "graph_base"}
@@ -69,6 +72,13 @@ def require_available(name: str) -> type[Backend]:
     if reason is not None:
         raise BackendUnavailableError(f"backend '{name}' cannot run here: {reason}")
     return cls
+
+
+def ranked(box: BoxFacts) -> list[str]:
+    """The backends that suit ``box``, best first (rank, then name), installed or not."""
+    ranks = {name: cls.suits(box) for name, cls in all_backends().items()}
+    suited = [(-rank, name) for name, rank in ranks.items() if rank is not None]
+    return [name for _, name in sorted(suited)]
 
 
 def availability() -> dict[str, str | None]:

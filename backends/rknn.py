@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import Backend, Capabilities, SeqInput, ShardSpec
+from edgemesh.backends.base import Backend, BoxFacts, Capabilities, SeqInput, ShardSpec
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -326,6 +326,7 @@ class RknnBackend(Backend):
     name = "rknn"
     module = "rknnlite"
     extra = "rknn"
+    preferred_precision = "int8"  # the NPU's int8 rate is several times its fp16 rate
     capabilities = Capabilities(
         partial_ranges=True,
         precisions=("fp16", "int8"),
@@ -334,6 +335,10 @@ class RknnBackend(Backend):
         needs_compiled_artifact=True,
         devices=("npu",),
     )
+
+    @classmethod
+    def suits(cls, box: BoxFacts) -> int | None:
+        return 40 if "rockchip-npu" in box.accelerators else None
 
     @classmethod
     def available(cls) -> str | None:

@@ -45,7 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import PRECISIONS, Capabilities, ShardSpec, nvidia_gpu_present
+from edgemesh.backends.base import (
+    PRECISIONS,
+    BoxFacts,
+    Capabilities,
+    ShardSpec,
+    nvidia_gpu_present,
+)
 from edgemesh.backends.batching import RangeGraphBackend
 from edgemesh.errors import (
     BackendUnavailableError,
@@ -150,6 +156,7 @@ class TensorRtBackend(RangeGraphBackend):
     max_new_tokens = PREFILL_CHUNK
     module = "tensorrt"
     extra = "tensorrt"
+    preferred_precision = "fp16"  # fast fp16 tensor cores
     capabilities = Capabilities(
         partial_ranges=True,
         precisions=PRECISIONS,
@@ -158,6 +165,10 @@ class TensorRtBackend(RangeGraphBackend):
         needs_compiled_artifact=True,
         devices=("cuda",),
     )
+
+    @classmethod
+    def suits(cls, box: BoxFacts) -> int | None:
+        return 50 if {"nvidia-gpu", "jetson-gpu"} & set(box.accelerators) else None
 
     @classmethod
     def available(cls) -> str | None:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from edgemesh.backends import registry
+from edgemesh.backends.base import BoxFacts
 from edgemesh.errors import ConfigError, FingerprintError
 from edgemesh.fingerprint import Accelerator, Fingerprint, collect, default_box_id
 from edgemesh.fingerprint.cpu import parse_cpu_list
-from edgemesh.fingerprint.policy import RUNTIME_MODULES, default_precision
+from edgemesh.fingerprint.policy import default_precision
 
 SYSROOTS = Path(__file__).parent / "data" / "sysroots"
 GIB = 1024**3
@@ -323,7 +325,7 @@ def test_summary_and_profile_without_measurement() -> None:
 
 def test_installed_is_the_importable_subset_in_order() -> None:
     fp = collect(SYSROOTS / "jetson-agx-orin")
-    want = [b for b in fp.backends if importlib.util.find_spec(RUNTIME_MODULES[b]) is not None]
+    want = [b for b in fp.backends if importlib.util.find_spec(registry.get(b).module) is not None]
     assert fp.installed == want
     assert "tensorrt" not in fp.installed or importlib.util.find_spec("tensorrt")
 
@@ -342,8 +344,8 @@ def test_installed_is_the_importable_subset_in_order() -> None:
     ],
 )
 def test_precision_rule(kinds: list[str], features: tuple, memory_gib: float, want: str) -> None:
-    accs = [Accelerator(kind, kind) for kind in kinds]
-    assert default_precision(accs, features, int(memory_gib * GIB)) == want
+    box = BoxFacts("x86_64", None, features, tuple(kinds), int(memory_gib * GIB))
+    assert default_precision(box) == want
 
 
 def test_cpu_list_parsing() -> None:

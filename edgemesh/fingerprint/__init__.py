@@ -4,8 +4,9 @@
 then *everything*, the architecture included, comes from the snapshot) and
 returns a ``Fingerprint``: CPU and its cgroup-capped cores, RAM and its
 cgroup-capped limit, board, accelerators, the backends the hardware calls
-for (best first), which of them are installed, and the default weight
-precision (rule in ``edgemesh.fingerprint.policy``). With ``measure=True``
+for (best first: each registered backend's own ``suits``), which of them
+are installed, and the default weight precision (rule in
+``edgemesh.fingerprint.policy``). With ``measure=True``
 it adds measured matmul and memory figures (cached) and the planner's
 ``profile``. Only Linux boxes are supported; nothing heavy is imported.
 """
@@ -17,6 +18,7 @@ import re
 import socket
 from pathlib import Path
 
+from edgemesh.backends.base import BoxFacts
 from edgemesh.errors import ConfigError
 from edgemesh.fingerprint.accelerators import read_accelerators
 from edgemesh.fingerprint.board import compatible, read_board
@@ -123,7 +125,14 @@ def collect(
 
     compat = compatible(root)
     accelerators = read_accelerators(root, compat)
-    backends = backends_for(facts.arch, facts.vendor, accelerators)
+    box = BoxFacts(
+        arch=facts.arch,
+        cpu_vendor=facts.vendor,
+        features=tuple(facts.features),
+        accelerators=tuple(a.kind for a in accelerators),
+        memory_limit_bytes=memory.limit_bytes,
+    )
+    backends = backends_for(box)
     hostname, machine_id, mac = box_facts(sysroot)
 
     found = Fingerprint(
@@ -136,7 +145,7 @@ def collect(
         accelerators=accelerators,
         backends=backends,
         installed=installed(backends),
-        precision=default_precision(accelerators, facts.features, memory.limit_bytes),
+        precision=default_precision(box, backends),
         cgroup=cgroup,
     )
     if calibrate and not measure:

@@ -20,6 +20,8 @@ import numpy as np
 
 from edgemesh.errors import BackendError, MissingExtraError
 
+REFERENCE = "cpu"
+"""The numpy reference: measured on every box, the floor for unprobed backends."""
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 PRECISIONS = {
     "cpu": ("fp32",),

@@ -55,8 +55,9 @@ def default_cache_dir() -> Path:
 
 def library_versions(backends: list[str]) -> dict[str, str]:
     """Installed versions of numpy and the measured runtimes (no imports)."""
-    wanted = ["numpy"] + [b for b in backends if b in _DISTRIBUTIONS]
-    if "onnxruntime" in backends:
+    probes = {probe_of(b) for b in backends}
+    wanted = ["numpy"] + [p for p in sorted(probes - {None}) if p in _DISTRIBUTIONS]
+    if "onnxruntime" in probes:
         wanted.append("onnx")
     found: dict[str, str] = {}
     for name in wanted:
@@ -69,9 +70,23 @@ def library_versions(backends: list[str]) -> dict[str, str]:
     return found
 
 
+def probe_of(backend: str) -> str | None:
+    """The micro-benchmark (``kernels.RUNNERS`` key) that prices ``backend``:
+    its class's ``matmul_probe``; ``cpu`` is the numpy reference itself."""
+    if backend == kernels.REFERENCE:
+        return kernels.REFERENCE
+    from edgemesh.backends.registry import all_backends
+
+    cls = all_backends().get(backend)
+    probe = getattr(cls, "matmul_probe", None)
+    return probe if probe in kernels.RUNNERS else None
+
+
 def measurable(installed: list[str]) -> list[str]:
-    """The installed backends with a micro-benchmark, best first, then ``cpu``."""
-    return [b for b in installed if b in kernels.PRECISIONS and b != "cpu"] + ["cpu"]
+    """The installed backends with a micro-benchmark, best first, then ``cpu``.
+
+    The rest are priced from ``cpu`` (``sharding.boxes``)."""
+    return [b for b in installed if b != kernels.REFERENCE and probe_of(b)] + [kernels.REFERENCE]
 
 
 def cache_key(cpu: CpuInfo, memory_limit_bytes: int, backends: list[str]) -> str:
@@ -159,14 +174,15 @@ def run_benchmarks(
     figures: list[MatmulFigure] = []
     skipped: dict[str, str] = {}
     for backend in backends:
-        for precision in kernels.PRECISIONS[backend]:
+        probe = probe_of(backend)
+        for precision in kernels.PRECISIONS[probe] if probe else ():
             key = f"{backend}/{precision}"
             if time.perf_counter() - start > budget_s:
                 skipped[key] = f"time budget of {budget_s:g} s spent"
                 continue
             shape = kernels.Shape.for_budget(precision, MATMUL_K, weight_bytes)
             try:
-                gflops, gbps = kernels.bench_matmul(backend, precision, shape, threads, PAIR_S)
+                gflops, gbps = kernels.bench_matmul(probe, precision, shape, threads, PAIR_S)
             except (BackendError, MissingExtraError) as exc:
                 skipped[key] = str(exc)[:300]
                 continue

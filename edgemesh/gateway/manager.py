@@ -39,9 +39,10 @@ def engines_here() -> list[str]:
     """The inference runtimes installed on this box, llama.cpp included
     (the fingerprint's ``backends`` are what the hardware calls for, which
     leaves llama.cpp out on x86 even when a GGUF model runs on it)."""
-    from edgemesh.fingerprint.policy import RUNTIME_MODULES, installed
+    from edgemesh.backends import registry
+    from edgemesh.fingerprint.policy import installed
 
-    return installed(list(RUNTIME_MODULES))
+    return installed(registry.names())
 
 
 def box_uptime_s(root: str = "/") -> float | None:
