@@ -148,14 +148,14 @@ def distill(
         step += 1
         entry = {
             "step": step,
-            "loss": round(float(loss), 6),
+            "loss": round(float(loss.detach()), 6),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(entry)
         with open(log_file, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
         if progress:
-            progress(step, config.steps, float(loss))
+            progress(step, config.steps, float(loss.detach()))
         if step % config.save_every == 0 or step == config.steps:
             save()
     student.eval()
