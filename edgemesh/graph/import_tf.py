@@ -79,14 +79,13 @@ def run(path: Path, work: Path, options: ImportOptions) -> Imported:
         form, keep = "keras", model
     out = work / "source.onnx"
     _convert(tf, convert_fn, specs, out, options.opset)
-    imported = Imported(
+    return Imported(
         onnx_path=out,
         source=SourceInfo("tensorflow", tf.__version__, str(path), form),
         reference=reference,
+        notes=[f"inputs {names}"],
+        keep_alive=keep,
     )
-    imported.notes.append(f"inputs {names}")
-    imported._keep = keep  # type: ignore[attr-defined]  # the reference closes over it
-    return imported
 
 
 def _keras_specs(tf: Any, model: Any, options: ImportOptions) -> list[Any]:

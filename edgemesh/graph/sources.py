@@ -45,6 +45,8 @@ class Imported:
     """None for ONNX files: onnxruntime on the file itself is the reference."""
     preprocessing: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    keep_alive: Any = None
+    """An object the reference needs alive (a loaded SavedModel owns its signatures' variables)."""
 
 
 def detect(spec: str) -> str:
