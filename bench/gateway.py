@@ -182,8 +182,11 @@ def constrained_vs_free(service: Any, tokens: int) -> dict[str, Any]:
     from edgemesh.sampling import SamplingParams
 
     tok = service.tokenizer
+    # minItems keeps the grammar open for all `tokens`, so both runs decode as many.
     grammar = json_schema_grammar(
-        {"type": "array", "items": {"type": "string"}}, tokenizer=tok, param="bench"
+        {"type": "array", "items": {"type": "string"}, "minItems": 1000},
+        tokenizer=tok,
+        param="bench",
     )
     free, constrained, n_free, n_con = [], [], [], []
     for prompt in PROMPTS:
