@@ -99,10 +99,11 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
 
 
 def load_package_service(source: ModelSource, options: LocalOptions) -> ModelService:
-    """Serve a converted package on this box: one in-process stage over all layers."""
-    from edgemesh.router.service import in_process_pipeline
-    from edgemesh.router.stage import StageSpec
+    """Serve a converted package on this box: one in-process stage over all layers.
+
+    No mesh and no router: the package's layers run in this process."""
     from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.pipeline import load_pipeline
 
     package = open_package(source.path)
     manifest = package.manifest
@@ -111,20 +112,24 @@ def load_package_service(source: ModelSource, options: LocalOptions) -> ModelSer
     )
     log.info("%s: %s/%s (%s)", manifest.name, backend, precision, why)
     context = min(options.context_length, manifest.context_length)
-    spec = StageSpec(
-        index=0,
-        box="local",
-        start=0,
-        stop=package.num_layers,
-        num_layers=package.num_layers,
+    pipe = load_pipeline(
+        package,  # already opened and verified: not opened again
+        [],
+        [precision],
         backend=backend,
-        precision=precision,
-        package_dir=str(package.root),
-        threads=options.threads,
-        context_length=context,
-        max_sequences=options.max_sequences,
+        options=BackendOptions(
+            threads=options.threads, context_length=context, max_sequences=options.max_sequences
+        ),
     )
-    pipe, where = in_process_pipeline(package.root, [spec])
+    where = [
+        {
+            "box": "local",
+            "layers": [0, package.num_layers],
+            "backend": backend,
+            "precision": precision,
+            "in_process": True,
+        }
+    ]
     tokenizer = package.tokenizer()
     if options.chat_template is not None:
         tokenizer.chat_template = Path(options.chat_template).read_text()

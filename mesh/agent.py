@@ -18,6 +18,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemesh import __version__
@@ -56,6 +58,13 @@ STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL when leaving a live cluster
 LOST_HEAD_GRACE_S = 1.0  # ... and when its head is already gone
 
 
+OnHead = Callable[[Path, DeploymentStore], Callable[[], None] | None]
+"""Called once this box's Ray head is up, with the state folder and the
+deployment records; returns what to call when the agent leaves (or None).
+The CLI passes the router's restore (``edgemesh.router.restore.on_head``):
+the mesh layer itself knows nothing of the router above it."""
+
+
 class Agent:
     """One box's membership in a mesh. ``run()`` blocks until ``stop()``."""
 
@@ -67,8 +76,11 @@ class Agent:
         *,
         start_ray: bool = True,
         interface: MeshInterface | None = None,
+        on_head: OnHead | None = None,
     ) -> None:
         self.settings = settings
+        self._on_head = on_head
+        self._on_leave: Callable[[], None] | None = None
         self.paths = settings.paths.ensure()
         # Unique per box without --box-id, and kept in the state folder (mesh.box_id).
         self.identity = resolve_box_id(self.paths, settings.box_id)
@@ -173,10 +185,8 @@ class Agent:
         self.discovery.close()  # goodbye first: peers react before Ray goes
         if self._watcher is not None:
             self._watcher.stop()
-        if getattr(self, "_restorer", None) is not None:
-            from edgemesh.router.restore import stop_restore
-
-            stop_restore(self._restorer)
+        if self._on_leave is not None:
+            self._on_leave()
         self._stop_ray()
         if getattr(self, "_metrics", None) is not None:
             self._metrics.shutdown()
@@ -239,10 +249,8 @@ class Agent:
         elif not self.record.ready and self._own_node_alive():
             log.info("Ray head is up at %s", self.record.ray_address)
             self._announce(ready=True)
-            if self.start_ray:  # bring back the models the mesh served (router)
-                from edgemesh.router.restore import spawn_restore
-
-                self._restorer = spawn_restore(self.paths.root, self.deployments)
+            if self.start_ray and self._on_head is not None:  # e.g. restore the models
+                self._on_leave = self._on_head(self.paths.root, self.deployments)
 
     def _follow(self, head: BoxRecord, now: float) -> None:
         self._waiting = None

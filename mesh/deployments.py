@@ -25,6 +25,8 @@ from edgemesh.mesh.config import read_json, write_json
 log = logging.getLogger(__name__)
 
 KV_KEY = "deployments"
+RAY_NAMESPACE = "edgemesh"
+"""The Ray namespace of the records (and of the router's named actors)."""
 
 
 def _empty() -> dict[str, Any]:
@@ -96,3 +98,40 @@ def sync(store: DeploymentStore, kv_get: Any, kv_put: Any) -> str:
         kv_put(KV_KEY, json.dumps(local).encode())
         return "pushed"
     return "same"
+
+
+# -- the live copy in the head's Ray GCS (``ray`` is the imported module) ----
+
+
+def read_records(ray: Any) -> dict[str, Any]:
+    """The mesh's records as the head's GCS holds them now."""
+    raw = ray.experimental.internal_kv._internal_kv_get(KV_KEY, namespace=RAY_NAMESPACE)
+    if not raw:
+        return _empty()
+    return json.loads(raw)
+
+
+def write_records(ray: Any, doc: dict[str, Any], state_dir: Path | None) -> None:
+    """Store ``doc`` as the next version, in the GCS and (with ``state_dir``)
+    in this box's ``deployments.json`` at once."""
+    doc["version"] = int(doc.get("version", 0)) + 1
+    doc["updated"] = time.time()
+    ray.experimental.internal_kv._internal_kv_put(
+        KV_KEY, json.dumps(doc).encode(), overwrite=True, namespace=RAY_NAMESPACE
+    )
+    if state_dir is not None:
+        DeploymentStore(Path(state_dir) / "deployments.json").replace(doc)
+
+
+def record_stages(ray: Any, name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
+    """Keep model ``name``'s record in step with where its stages run now, so
+    `edgemesh status` shows it and a new head re-deploys the current plan."""
+    doc = read_records(ray)
+    record = doc["models"].get(name)
+    if record is None:
+        return
+    record["stages"] = [
+        {k: st[k] for k in ("box", "layers", "backend", "precision")} for st in stages
+    ]
+    record["plan"] = plan
+    write_records(ray, doc, None)

@@ -140,9 +140,12 @@ def command(
         return
     _configure_logging(verbose)
     from edgemesh.mesh.agent import Agent
+    from edgemesh.router.restore import on_head
 
     with user_errors():
-        agent = Agent(settings, secret, start_ray=not no_ray)
+        # The router's restore runs when this box becomes head; the mesh agent
+        # below it only calls the hook.
+        agent = Agent(settings, secret, start_ray=not no_ray, on_head=on_head)
         typer.echo(
             f"box {agent.box_id} ({agent.identity.source}) joining mesh '{mesh}' on "
             f"{agent.iface.name} "

@@ -17,6 +17,7 @@ import hashlib
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 from edgemesh.backends.base import BoxFacts
 from edgemesh.errors import ConfigError
@@ -48,6 +49,7 @@ __all__ = [
     "box_facts",
     "collect",
     "default_box_id",
+    "usable_profile",
 ]
 
 
@@ -178,3 +180,20 @@ def _calibrations(fp: Fingerprint, packages: list[Path], cache_dir: Path | None)
         )
         found[cal.digest] = cal
     return [found[d] for d in sorted(found)]
+
+
+def usable_profile(box_id: str | None = None, *, reserve_bytes: int = 0) -> dict[str, Any]:
+    """This box's measured planner profile, with the memory its stages can
+    really use.
+
+    ``memory_limit_bytes`` becomes what is *available* now, less
+    ``reserve_bytes``: the box's agent, Ray node and the caller already live
+    inside its limit (a cgroup's usage is counted against it), so planning
+    against the bare limit over-commits and stages get OOM-killed on small
+    boxes.
+    """
+    fp = collect(measure=True, box_id=box_id)
+    profile = fp.profile()
+    usable = min(fp.memory.limit_bytes, fp.memory.available_bytes) - reserve_bytes
+    profile["memory_limit_bytes"] = max(0, usable)
+    return profile

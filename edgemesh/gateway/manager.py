@@ -272,9 +272,9 @@ class LocalManager(Manager):
         }
 
     def _profile(self) -> dict[str, Any]:
-        from edgemesh.router.deploy import _profile
+        from edgemesh.fingerprint import usable_profile
 
-        return _profile(self.box_id(), is_head=False)
+        return usable_profile(self.box_id())
 
     def plan(self, package: str, box: str | None = None, name: str | None = None) -> dict:
         from edgemesh.sharding.package import open_package

@@ -79,7 +79,7 @@ class LivePoller(threading.Thread):
         in flight (a slow box, e.g. starting its first Ray worker, is never
         cancelled and asked again), and its last reading stays until a new
         one comes, flagged once it is ``STALE_S`` old."""
-        from edgemesh.router.deploy import mesh_boxes
+        from edgemesh.router.profiles import mesh_boxes
 
         task = self._ray.remote(this_box_live)
         pending: dict[str, tuple[Any, float]] = {}

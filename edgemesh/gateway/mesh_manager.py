@@ -98,12 +98,12 @@ class MeshManager(Manager):
         return read_agent_state(self.state_dir)
 
     def _records(self) -> dict[str, Any]:
-        from edgemesh.router.deploy import read_records
+        from edgemesh.mesh.deployments import read_records
 
         return read_records(self._ray)
 
     def _alive(self) -> list[Any]:
-        from edgemesh.router.deploy import mesh_boxes
+        from edgemesh.router.profiles import mesh_boxes
 
         return mesh_boxes(self._ray)
 
@@ -248,7 +248,7 @@ class MeshManager(Manager):
         """The planner's profiles of the boxes alive and not drained: the ones
         the records hold (what the mesh's own re-plans use, e.g. ``--boxes``
         profiles), measured on the box for those without one."""
-        from edgemesh.router.deploy import measure_profiles
+        from edgemesh.router.profiles import measure_profiles
 
         doc = self._records()
         drained = set(doc.get("drained", []))
@@ -306,14 +306,16 @@ class MeshManager(Manager):
             if job is not None:
                 job.message = what
 
-        from edgemesh.router.deploy import _checked_plan, mirror_package, write_records
+        from edgemesh.mesh.deployments import write_records
+        from edgemesh.router.mirror import mirror_package
+        from edgemesh.router.placement import checked_plan
         from edgemesh.router.service import mesh_service
         from edgemesh.sharding.planner import plan
 
         step("planning")
         profiles = self._profiles()
         alive = {b.id for b in self._alive()}
-        placed = _checked_plan(fixed, manifest, alive) if fixed else plan(manifest, profiles)
+        placed = checked_plan(fixed, manifest, alive) if fixed else plan(manifest, profiles)
         step(f"copying the package from {box} to the head ({self.head_box})")
         mirror = mirror_package(
             self._ray, name, raw, source_box=box, path=package, head=self.head_box
@@ -362,18 +364,20 @@ class MeshManager(Manager):
         return msg, model_view(name, service, self.head_box)
 
     def _on_change(self, name: str, stages: list[dict], plan: dict) -> None:
-        from edgemesh.router.serve import _record_stages
+        from edgemesh.mesh.deployments import record_stages
 
         where = ", ".join(f"{s['box']} {s['layers']}" for s in stages)
         self.events.add("recover", f"'{name}' stages now on {where}", level="warning", model=name)
-        _record_stages(name, stages, plan)
+        record_stages(self._ray, name, stages, plan)
 
     def undeploy(self, name: str) -> Job:
         self._service(name)
         return self.jobs.start("undeploy", name, lambda job: self._undeploy(name))
 
     def _undeploy(self, name: str) -> tuple[str, Any]:
-        from edgemesh.router.deploy import NAMESPACE, SOURCE_PREFIX, write_records
+        from edgemesh.mesh.deployments import RAY_NAMESPACE as NAMESPACE
+        from edgemesh.mesh.deployments import write_records
+        from edgemesh.router.mirror import SOURCE_PREFIX
 
         service = self.services.pop(name, None)
         if service is None:
@@ -440,7 +444,7 @@ class MeshManager(Manager):
         return self.jobs.start("drain" if on else "undrain", box, lambda job: self._drain(box, on))
 
     def _drain(self, box: str, on: bool) -> tuple[str, Any]:
-        from edgemesh.router.deploy import write_records
+        from edgemesh.mesh.deployments import write_records
 
         doc = self._records()
         drained = set(doc.get("drained", []))
@@ -492,7 +496,7 @@ class MeshManager(Manager):
         return self.jobs.start("remove", box, lambda job: self._remove(box, box in alive))
 
     def _remove(self, box: str, alive: bool) -> tuple[str, Any]:
-        from edgemesh.router.deploy import write_records
+        from edgemesh.mesh.deployments import write_records
 
         if alive:
             self._drain(box, True)

@@ -17,99 +17,20 @@ Steps, from any box of the mesh (a Ray driver connected with the mesh's token):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import ConfigError, MeshError, require
+from edgemesh.mesh.deployments import RAY_NAMESPACE, read_records, write_records
+from edgemesh.router.mirror import SOURCE_PREFIX, mirror_package
+from edgemesh.router.placement import checked_plan
+from edgemesh.router.profiles import measure_profiles, mesh_boxes
 
 log = logging.getLogger(__name__)
 
-SOURCE_PREFIX = "edgemesh-artifacts-"
-NAMESPACE = "edgemesh"
-
-
-@dataclass(frozen=True)
-class MeshBox:
-    id: str
-    node_id: str
-    address: str
-    is_head: bool
-
-
-def mesh_boxes(ray: Any) -> list[MeshBox]:
-    """Boxes with a live Ray node, from the node table's ``box:<id>`` resources."""
-    out = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        for key in node.get("Resources", {}):
-            if key.startswith("box:"):
-                head = any(k.startswith("node:__internal_head__") for k in node["Resources"])
-                out.append(MeshBox(key[4:], node["NodeID"], node["NodeManagerAddress"], head))
-    return sorted(out, key=lambda b: b.id)
-
-
-# The head also runs Ray Serve (controller, proxy, the gateway replica with its
-# engine), which starts after the boxes are profiled: about 0.7 GB more than a
-# worker's agent + Ray node in the memory benchmark (bench/memory.py).
-SERVE_RESERVE_BYTES = 800 * 1024 * 1024
-
-
-def _profile(box_id: str, is_head: bool) -> dict[str, Any]:
-    """The box's planner profile, with the memory its stages can really use.
-
-    ``memory_limit_bytes`` becomes what is *available* now: the box's agent,
-    Ray node and this task already live inside its limit (a cgroup's usage is
-    counted against it), so planning against the bare limit over-commits and
-    stages get OOM-killed on small boxes.
-    """
-    from edgemesh.fingerprint import collect
-
-    fp = collect(measure=True, box_id=box_id)
-    profile = fp.profile()
-    usable = min(fp.memory.limit_bytes, fp.memory.available_bytes)
-    if is_head:
-        usable -= SERVE_RESERVE_BYTES
-    profile["memory_limit_bytes"] = max(0, usable)
-    return profile
-
-
-def measure_profiles(ray: Any, boxes: list[MeshBox], timeout_s: float = 600.0) -> list[dict]:
-    """Each box measures itself (on its own CPU) in a task pinned to it."""
-    task = ray.remote(_profile)
-    refs = [
-        task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(b.id, b.is_head)
-        for b in boxes
-    ]
-    profiles = ray.get(refs, timeout=timeout_s)
-    for b, p in zip(boxes, profiles, strict=True):
-        p["id"] = b.id
-    return profiles
-
-
-def read_records(ray: Any) -> dict[str, Any]:
-    from edgemesh.mesh.deployments import KV_KEY
-
-    raw = ray.experimental.internal_kv._internal_kv_get(KV_KEY, namespace=NAMESPACE)
-    if not raw:
-        return {"version": 0, "updated": 0.0, "models": {}}
-    return json.loads(raw)
-
-
-def write_records(ray: Any, doc: dict[str, Any], state_dir: Path | None) -> None:
-    from edgemesh.mesh.deployments import KV_KEY, DeploymentStore
-
-    doc["version"] = int(doc.get("version", 0)) + 1
-    doc["updated"] = time.time()
-    ray.experimental.internal_kv._internal_kv_put(
-        KV_KEY, json.dumps(doc).encode(), overwrite=True, namespace=NAMESPACE
-    )
-    if state_dir is not None:
-        DeploymentStore(Path(state_dir) / "deployments.json").replace(doc)
+NAMESPACE = RAY_NAMESPACE
 
 
 LOOPBACK = "127.0.0.1"
@@ -188,7 +109,7 @@ def deploy(
     if unknown:
         raise ConfigError(f"profiles for boxes not in the mesh: {', '.join(unknown)}")
     if fixed_plan is not None:
-        placed = _checked_plan(fixed_plan, package.manifest, known)
+        placed = checked_plan(fixed_plan, package.manifest, known)
     else:
         placed = plan(package.manifest, profiles, links, plan_options)
     manifest_bytes = (package.root / "manifest.json").read_bytes()
@@ -235,62 +156,6 @@ def deploy(
     doc["gateway"] = url
     write_records(ray, doc, state_dir)
     return doc["models"][name]
-
-
-def _checked_plan(doc: dict[str, Any], manifest: Any, boxes: set[str]) -> Any:
-    """A given plan, refused when it is for another model or names absent boxes."""
-    from edgemesh.sharding.planner import Plan
-
-    placed = Plan.from_dict(doc)
-    if placed.model != manifest.name or placed.num_layers != manifest.num_layers:
-        raise ConfigError(
-            f"the plan is for '{placed.model}' ({placed.num_layers} layers), not "
-            f"'{manifest.name}' ({manifest.num_layers} layers)"
-        )
-    absent = sorted({st.box for st in placed.stages} - boxes)
-    if absent:
-        raise ConfigError(
-            f"the plan places layers on boxes not in the mesh: {', '.join(absent)}",
-            hint="run `edgemesh status` to list the boxes, or drop --plan",
-        )
-    return placed
-
-
-def mirror_package(
-    ray: Any, name: str, manifest_bytes: bytes, *, source_box: str, path: str, head: str
-) -> Any:
-    """Copy the package at ``path`` on ``source_box`` into the head's cache
-    (sha256-verified) and serve it from there; returns the mirror actor."""
-    from edgemesh.router.artifacts import ArtifactSource, MirrorSource
-
-    opts = {"namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0}
-    _kill_named(ray, f"{SOURCE_PREFIX}{name}-origin")
-    origin = (
-        ray.remote(ArtifactSource)
-        .options(
-            name=f"{SOURCE_PREFIX}{name}-origin", resources={f"box:{source_box}": 0.001}, **opts
-        )
-        .remote(path)
-    )
-    mirror_name = f"{SOURCE_PREFIX}{name}"
-    _kill_named(ray, mirror_name)
-    mirror = (
-        ray.remote(MirrorSource)
-        .options(name=mirror_name, resources={f"box:{head}": 0.001}, **opts)
-        .remote(manifest_bytes, origin, head)
-    )
-    try:
-        ray.get(mirror.manifest.remote(), timeout=600)
-    finally:
-        ray.kill(origin)
-    return mirror
-
-
-def _kill_named(ray: Any, name: str) -> None:
-    try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-    except ValueError:
-        pass  # not running
 
 
 def status_extras(state_dir: Path) -> dict[str, Any]:

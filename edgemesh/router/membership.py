@@ -99,6 +99,6 @@ class MembershipWatcher(threading.Thread):
 
 def measure_box(ray: Any, box: str, timeout_s: float = 600.0) -> dict[str, Any]:
     """A box's planner profile, measured on that box (cached there)."""
-    from edgemesh.router.deploy import MeshBox, measure_profiles
+    from edgemesh.router.profiles import MeshBox, measure_profiles
 
     return measure_profiles(ray, [MeshBox(box, "", "", False)], timeout_s)[0]

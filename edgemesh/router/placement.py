@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
-from edgemesh.errors import ModelUnavailableError, PlanError
+from edgemesh.errors import ConfigError, ModelUnavailableError, PlanError
 from edgemesh.router.stage import StageSpec, wire_dtype
 
 log = logging.getLogger(__name__)
@@ -213,3 +213,22 @@ def _link_ends(link: Any) -> set[str]:
     if isinstance(link, dict):
         return {str(link.get("a")), str(link.get("b"))}
     return {str(getattr(link, "a", "")), str(getattr(link, "b", ""))}
+
+
+def checked_plan(doc: dict[str, Any], manifest: Any, boxes: set[str]) -> Any:
+    """A given plan, refused when it is for another model or names absent boxes."""
+    from edgemesh.sharding.planner import Plan
+
+    placed = Plan.from_dict(doc)
+    if placed.model != manifest.name or placed.num_layers != manifest.num_layers:
+        raise ConfigError(
+            f"the plan is for '{placed.model}' ({placed.num_layers} layers), not "
+            f"'{manifest.name}' ({manifest.num_layers} layers)"
+        )
+    absent = sorted({st.box for st in placed.stages} - boxes)
+    if absent:
+        raise ConfigError(
+            f"the plan places layers on boxes not in the mesh: {', '.join(absent)}",
+            hint="run `edgemesh status` to list the boxes, or drop --plan",
+        )
+    return placed

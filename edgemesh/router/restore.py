@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +76,15 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
     """Re-deploy every recorded model onto the current head; returns
     ``{"gateway": url, "restored": [names], "skipped": {name: why}}``."""
     ray = require("ray", "mesh")
+    from edgemesh.mesh.deployments import read_records, write_records
     from edgemesh.router.deploy import (
         MESH_HOST,
         NAMESPACE,
-        SOURCE_PREFIX,
         gateway_bind,
         gateway_keys,
-        mesh_boxes,
-        mirror_package,
-        read_records,
-        write_records,
     )
+    from edgemesh.router.mirror import SOURCE_PREFIX, mirror_package
+    from edgemesh.router.profiles import mesh_boxes
     from edgemesh.router.serve import start_gateway
 
     if not ray.is_initialized():
@@ -188,6 +187,13 @@ def spawn_restore(state_dir: Path, store: Any) -> subprocess.Popen[bytes] | None
         )
     log.info("restoring the deployed models in the background (pid %d)", proc.pid)
     return proc
+
+
+def on_head(state_dir: Path, store: Any) -> Callable[[], None] | None:
+    """The mesh agent's on-head hook (``Agent(on_head=...)``): start the
+    restore, and return what stops it when the agent leaves."""
+    proc = spawn_restore(state_dir, store)
+    return None if proc is None else (lambda: stop_restore(proc))
 
 
 def stop_restore(proc: subprocess.Popen[bytes] | None) -> None:

@@ -65,7 +65,11 @@ class MeshGateway:
         if self.manager is not None:  # records it and logs the event
             self.manager._on_change(name, stages, plan)
         else:
-            _record_stages(name, stages, plan)
+            import ray
+
+            from edgemesh.mesh.deployments import record_stages
+
+            record_stages(ray, name, stages, plan)
 
     def __del__(self) -> None:
         if getattr(self, "watcher", None) is not None:
@@ -75,24 +79,6 @@ class MeshGateway:
                 service.close()
             except Exception as exc:  # shutting down: nothing left to report to
                 log.debug("closing %s: %r", service.name, exc)
-
-
-def _record_stages(name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
-    """Keep the deployment record in step with where the stages run now, so
-    `edgemesh status` shows it and a new head re-deploys the current plan."""
-    import ray
-
-    from edgemesh.router.deploy import read_records, write_records
-
-    doc = read_records(ray)
-    record = doc["models"].get(name)
-    if record is None:
-        return
-    record["stages"] = [
-        {k: st[k] for k in ("box", "layers", "backend", "precision")} for st in stages
-    ]
-    record["plan"] = plan
-    write_records(ray, doc, None)
 
 
 def gateway_app(
