@@ -277,13 +277,47 @@ def gateway_vs_engine(service: Any, tokens: int, repeats: int) -> dict[str, Any]
     }
 
 
+def shared_prefill(service: Any, n: int = 4, prompt_tokens: int = 300) -> dict[str, Any]:
+    """n samples of one long prompt: each prefilled alone vs sample 0's KV forked."""
+    from edgemesh.sampling import SamplingParams
+
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)
+    ids = service.tokenizer.encode(text)[:prompt_tokens]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine = service.engine
+    times: dict[str, list[float]] = {"independent": [], "shared": []}
+    for _ in range(2):
+        for mode in ("independent", "shared"):
+            forks = engine.stats.forks
+            t0 = time.perf_counter()
+            first = engine.submit(ids, params)
+            gens = [first] + [
+                engine.submit(ids, params, share_prefill=first if mode == "shared" else None)
+                for _ in range(n - 1)
+            ]
+            for g in gens:
+                list(g)
+            times[mode].append(time.perf_counter() - t0)
+            if mode == "shared":
+                assert engine.stats.forks == forks + n - 1
+    i, s = (min(times[m]) * 1000 for m in ("independent", "shared"))
+    return {
+        "n": n,
+        "prompt_tokens": len(ids),
+        "max_tokens": 4,
+        "independent_ms": round(i, 1),
+        "shared_ms": round(s, 1),
+        "speedup": round(i / s, 2),
+    }
+
+
 def run(tokens: int, repeats: int, threads: int, out: Path) -> dict[str, Any]:
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import resolve
 
     load = [round(os.getloadavg()[0], 2)]
     service = load_service(
-        resolve(None), LocalOptions(threads=threads, context_length=1024, max_sequences=2)
+        resolve(None), LocalOptions(threads=threads, context_length=1024, max_sequences=4)
     )
     try:
         result: dict[str, Any] = {
@@ -298,6 +332,7 @@ def run(tokens: int, repeats: int, threads: int, out: Path) -> dict[str, Any]:
             "grammar_engines": grammar_engines(service.tokenizer),
             "constrained_vs_free": constrained_vs_free(service, tokens),
             "gateway_vs_engine": gateway_vs_engine(service, tokens, repeats),
+            "shared_prefill": shared_prefill(service),
         }
     finally:
         service.close()
@@ -339,8 +374,19 @@ def figure(result: dict[str, Any] | None) -> str:
         f"{w['http_ms']} ms plain, {w['http_stream_ms']} ms streamed "
         f"(overhead {w['overhead_ms']} / "
         f"{w['overhead_stream_ms']} ms).\n"
-        f"\n_Command:_ `{result['command']}`  \n_Machine:_ {result['machine']} "
+        + _prefill_line(result.get("shared_prefill"))
+        + f"\n_Command:_ `{result['command']}`  \n_Machine:_ {result['machine']} "
         f"{result['measured_at']}, load average {result['loadavg_1m']}\n"
+    )
+
+
+def _prefill_line(p: dict[str, Any] | None) -> str:
+    if not p:
+        return ""
+    return (
+        f"\nn={p['n']} samples of a {p['prompt_tokens']}-token prompt ({p['max_tokens']} tokens "
+        f"each): {p['independent_ms']} ms prefilling each, {p['shared_ms']} ms sharing sample 0's "
+        f"prefill (x{p['speedup']}).\n"
     )
 
 
