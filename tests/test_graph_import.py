@@ -176,3 +176,26 @@ def test_tampered_package_is_refused_at_load(package: Path, tmp_path: Path) -> N
         f.write(b"\x00\x01\x02")
     with pytest.raises(CorruptArtifactError, match="sha256"):
         load_graph_service(copy, GraphServeOptions(backend="onnxruntime", precision="fp32"))
+
+
+def test_import_leaves_the_working_folder_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The detector is a graph on which onnxruntime's symbolic shape inference gives
+    # up and dumps a debug model into the working folder; the user's folder stays clean.
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(calib / "b.npy", rng.standard_normal((2, 3, 320, 320)).astype(np.float32))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "det"
+    result = CliRunner().invoke(
+        app,
+        ["import", "edgemesh.bench.vision_models:tiny_detector", "--out", str(out),
+         "--calibration", str(calib)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "int8  static-qdq" in result.output
+    assert list(cwd.iterdir()) == []

@@ -90,13 +90,35 @@ def to_int8_dynamic(src: Path, dst: Path) -> None:
 
 def _pre_process(src: Path, out: Path) -> Path:
     """Shape inference + graph optimisation before calibration (onnxruntime's
-    recommended step); the plain graph when it cannot be applied."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    recommended step); the plain graph when it cannot be applied.
 
-    try:
-        quant_pre_process(str(src), str(out), skip_symbolic_shape=False)
+    It runs in a child process whose working folder is a temp folder: when
+    onnxruntime's symbolic shape inference gives up it saves a debug copy of
+    the model (``sym_shape_infer_temp.onnx`` plus its weights) into the
+    working folder, which would litter the user's folder, and changing this
+    process's folder instead would move every other thread with it.
+    """
+    import subprocess
+    import tempfile
+
+    from edgemesh.reexec import python_argv
+
+    code = (
+        "import sys\n"
+        "from onnxruntime.quantization.shape_inference import quant_pre_process\n"
+        "quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=False)\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="edgemesh-prep-") as work:
+        done = subprocess.run(
+            python_argv(code, str(src.resolve()), str(out.resolve())),
+            cwd=work,
+            capture_output=True,
+            text=True,
+        )
+    if done.returncode == 0 and out.is_file():
         return out
-    except Exception as exc:  # symbolic shape inference gives up on some graphs
-        log.info("quantization pre-processing skipped (%s): %s", type(exc).__name__, exc)
-        out.unlink(missing_ok=True)
-        return src
+    # Symbolic shape inference gives up on some graphs: calibrate the plain one.
+    reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    log.info("quantization pre-processing skipped: %s", reason)
+    out.unlink(missing_ok=True)
+    return src
