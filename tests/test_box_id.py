@@ -144,6 +144,7 @@ def test_two_boxes_announcing_one_explicit_id_are_refused(tmp_path: Path) -> Non
     pytest.importorskip("zeroconf", reason="needs the mesh extra: pip install 'edgemesh[mesh]'")
     mesh = f"t{uuid.uuid4().hex[:10]}"
     first = _join(tmp_path / "a", mesh, "--box-id", "twin")
+    second: subprocess.Popen[str] | None = None
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "a" / "state.json").exists():
@@ -159,5 +160,12 @@ def test_two_boxes_announcing_one_explicit_id_are_refused(tmp_path: Path) -> Non
         assert "give each box its own --box-id" in err
         assert first.poll() is None  # the box that was there first keeps running
     finally:
-        first.terminate()
-        first.communicate(timeout=30)
+        # Both boxes go, whatever failed: a timed-out second join must not outlive the test.
+        for proc in (second, first):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
