@@ -67,7 +67,7 @@ class RknnGraph(GraphBackend):
         if not path.is_file():
             raise ModelNotFoundError(
                 f"no compiled RKNN model at '{path}'",
-                hint="build it on an x86 host with rknn-toolkit2: python -c \"from "
+                hint='build it on an x86 host with rknn-toolkit2: python -c "from '
                 "edgemesh.backends.graph_rknn import build_rknn; build_rknn(PACKAGE, "
                 f"'{precision}', OUT)\" and copy OUT to that path",
             )
@@ -115,8 +115,12 @@ def build_rknn(package: Path | str, precision: str, out: Path | str, target: str
     rknn = rknn_api.RKNN()
     rknn.config(target_platform=target)
     shapes = [list(s.concrete(1)) for s in manifest.inputs]
-    if rknn.load_onnx(model=str(package / "model.fp32.onnx"), inputs=[spec.name],
-                      input_size_list=shapes) != 0:
+    if (
+        rknn.load_onnx(
+            model=str(package / "model.fp32.onnx"), inputs=[spec.name], input_size_list=shapes
+        )
+        != 0
+    ):
         raise ShardLoadError("rknn-toolkit2 could not load the ONNX graph")
     dataset = None
     if precision == "int8":

@@ -105,8 +105,11 @@ def bench_model(name: str, work: Path, threads: int, runs: int) -> dict[str, Any
     result: dict[str, Any] = {
         "import_s": round(time.perf_counter() - start, 2),
         "precisions": {
-            p: {"bytes": e.bytes, "method": e.method,
-                "accuracy": None if e.accuracy is None else e.accuracy.__dict__}
+            p: {
+                "bytes": e.bytes,
+                "method": e.method,
+                "accuracy": None if e.accuracy is None else e.accuracy.__dict__,
+            }
             for p, e in manifest.precisions.items()
         },
         "engines": {},
@@ -156,9 +159,17 @@ def bench_model(name: str, work: Path, threads: int, runs: int) -> dict[str, Any
                 continue
             graph = manifest.verify(package, p)
             engine_dir = package / "engines" / f"bench-{backend_name}"
-            backend = cls(graph, manifest.inputs, p, GraphOptions(
-                threads=threads, device=cls.capabilities.devices[0], engine_dir=engine_dir,
-                max_batch=max(BATCHES)))
+            backend = cls(
+                graph,
+                manifest.inputs,
+                p,
+                GraphOptions(
+                    threads=threads,
+                    device=cls.capabilities.devices[0],
+                    engine_dir=engine_dir,
+                    max_batch=max(BATCHES),
+                ),
+            )
             try:
                 result["engines"][f"{backend_name}/{p}"] = {
                     **_latency(lambda be=backend: be.run({in_name: x1}), runs),
@@ -171,9 +182,16 @@ def bench_model(name: str, work: Path, threads: int, runs: int) -> dict[str, Any
     return result
 
 
-def _interleaved(package: Path, in_name: str, x1: np.ndarray, threads: int, runs: int,
-                 http_call: Callable[[], None], backend_name: str, precision: str
-                 ) -> dict[str, Any]:
+def _interleaved(
+    package: Path,
+    in_name: str,
+    x1: np.ndarray,
+    threads: int,
+    runs: int,
+    http_call: Callable[[], None],
+    backend_name: str,
+    precision: str,
+) -> dict[str, Any]:
     """The gateway's cost: the engine and precision the server chose, called
     in-process, alternated call by call with the HTTP request, so load that drifts
     during the run hits both sides alike. Per pair: HTTP - in-process."""
@@ -183,9 +201,16 @@ def _interleaved(package: Path, in_name: str, x1: np.ndarray, threads: int, runs
 
     manifest = GraphManifest.load(package)
     cls = registry.get_graph(backend_name)
-    backend = cls(manifest.verify(package, precision), manifest.inputs, precision,
-                  GraphOptions(threads=threads, device=cls.capabilities.devices[0],
-                               engine_dir=package / "engines" / f"bench-{backend_name}"))
+    backend = cls(
+        manifest.verify(package, precision),
+        manifest.inputs,
+        precision,
+        GraphOptions(
+            threads=threads,
+            device=cls.capabilities.devices[0],
+            engine_dir=package / "engines" / f"bench-{backend_name}",
+        ),
+    )
     try:
         local, remote = [], []
         for _ in range(5):
@@ -202,10 +227,13 @@ def _interleaved(package: Path, in_name: str, x1: np.ndarray, threads: int, runs
     finally:
         backend.close()
     deltas = np.asarray(remote) - np.asarray(local)
-    return {"p50_ms": round(float(np.median(deltas)), 3),
-            "in_process_p50_ms": round(float(np.median(local)), 3),
-            "http_p50_ms": round(float(np.median(remote)), 3),
-            "engine": f"{backend_name}/{precision}", "pairs": runs}
+    return {
+        "p50_ms": round(float(np.median(deltas)), 3),
+        "in_process_p50_ms": round(float(np.median(local)), 3),
+        "http_p50_ms": round(float(np.median(remote)), 3),
+        "engine": f"{backend_name}/{precision}",
+        "pairs": runs,
+    }
 
 
 def _http(package: Path, name: str, in_name: str, x1: np.ndarray, threads: int, runs: int):
@@ -215,9 +243,19 @@ def _http(package: Path, name: str, in_name: str, x1: np.ndarray, threads: int, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [*edgemesh_argv("serve"), "--model", str(package), "--port", str(port),
-         "--threads", str(threads), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *edgemesh_argv("serve"),
+            "--model",
+            str(package),
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -245,8 +283,12 @@ def _http(package: Path, name: str, in_name: str, x1: np.ndarray, threads: int, 
         figures["gateway_overhead"] = _interleaved(
             package, in_name, x1, threads, runs, one, info["backend"], info["precision"]
         )
-        return {**figures, "backend": info["backend"], "precision": info["precision"],
-                "chosen_by": info["chosen_by"]}
+        return {
+            **figures,
+            "backend": info["backend"],
+            "precision": info["precision"],
+            "chosen_by": info["chosen_by"],
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -277,9 +319,13 @@ def _machine(threads: int) -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(),
-            "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+    }
 
 
 def figure(result: dict[str, Any] | None) -> str:
@@ -289,11 +335,15 @@ def figure(result: dict[str, Any] | None) -> str:
     title = "\n## Graph models (vision): engines and precisions\n"
     if result is None:
         return title + _missing("python -m edgemesh.bench.vision")
-    parts = [title, (
-        "\nLatency at batch 1 and images/s at the best batch, in-process unless marked; "
-        "`ratio` = PyTorch eager p50 / this p50 (same threads, same run). "
-        "Accuracy: the package's measured loss (1 - top-1 agreement for the classifiers, "
-        "relative L2 error for the detector) vs PyTorch on the calibration frames.\n")]
+    parts = [
+        title,
+        (
+            "\nLatency at batch 1 and images/s at the best batch, in-process unless marked; "
+            "`ratio` = PyTorch eager p50 / this p50 (same threads, same run). "
+            "Accuracy: the package's measured loss (1 - top-1 agreement for the classifiers, "
+            "relative L2 error for the detector) vs PyTorch on the calibration frames.\n"
+        ),
+    ]
     for name, m in result["models"].items():
         eager = m["engines"]["pytorch-eager/fp32"]["p50_ms"]
         rows = []
@@ -304,17 +354,42 @@ def figure(result: dict[str, Any] | None) -> str:
             p = key.split("/")[1]
             acc = (m["precisions"].get(p) or {}).get("accuracy") or {}
             tp = e["throughput"]
-            rows.append([key, e["p50_ms"], e["p99_ms"], round(eager / e["p50_ms"], 2),
-                         f"{tp['images_per_s']:.0f} (b{tp['batch']})", acc.get("loss")])
+            rows.append(
+                [
+                    key,
+                    e["p50_ms"],
+                    e["p99_ms"],
+                    round(eager / e["p50_ms"], 2),
+                    f"{tp['images_per_s']:.0f} (b{tp['batch']})",
+                    acc.get("loss"),
+                ]
+            )
         h = m["http"]
-        rows.append([f"HTTP /v2 tritonclient ({h['backend']}/{h['precision']})", h["p50_ms"],
-                     h["p99_ms"], round(eager / h["p50_ms"], 2), None,
-                     f"gateway +{h.get('gateway_overhead_p50_ms', '?')} ms p50 (interleaved)"])
+        rows.append(
+            [
+                f"HTTP /v2 tritonclient ({h['backend']}/{h['precision']})",
+                h["p50_ms"],
+                h["p99_ms"],
+                round(eager / h["p50_ms"], 2),
+                None,
+                f"gateway +{h.get('gateway_overhead_p50_ms', '?')} ms p50 (interleaved)",
+            ]
+        )
         sizes = ", ".join(f"{p} {v['bytes'] / 1e6:.1f} MB" for p, v in m["precisions"].items())
         parts.append(f"\n### {name}\n\nImport {m['import_s']} s; package: {sizes}.\n")
-        parts.append(_table(
-            ["engine/precision", "p50 ms", "p99 ms", "ratio vs eager", "images/s (batch)",
-             "accuracy loss / note"], rows))
+        parts.append(
+            _table(
+                [
+                    "engine/precision",
+                    "p50 ms",
+                    "p99 ms",
+                    "ratio vs eager",
+                    "images/s (batch)",
+                    "accuracy loss / note",
+                ],
+                rows,
+            )
+        )
     parts.append(_provenance(result))
     parts.append(f"_Load average after the run:_ {' '.join(result.get('loadavg_after', []))}\n")
     machine = result.get("machine", {})
@@ -338,8 +413,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args(argv)
     result = run(args.models, args.threads, args.runs, args.out)
-    print(json.dumps({k: {e: v.get("p50_ms") for e, v in m["engines"].items()}
-                      for k, m in result["models"].items()}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: {e: v.get("p50_ms") for e, v in m["engines"].items()}
+                for k, m in result["models"].items()
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

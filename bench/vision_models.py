@@ -88,7 +88,9 @@ class MobileNetV3Small(nn.Module):
         layers.append(_conv_bn(96, 576, 1, 1, act=nn.Hardswish))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Linear(576, 1024), nn.Hardswish(inplace=True), nn.Dropout(0.2),
+            nn.Linear(576, 1024),
+            nn.Hardswish(inplace=True),
+            nn.Dropout(0.2),
             nn.Linear(1024, num_classes),
         )
 
@@ -132,8 +134,10 @@ class TinyDetector(nn.Module):
         c = [16, 32, 64, 128, 256]
         self.stem = _conv_bn(3, c[0], 3, 2, act=nn.SiLU)
         self.stage = nn.ModuleList(
-            nn.Sequential(_conv_bn(c[i], c[i + 1], 3, 2, act=nn.SiLU),
-                          _conv_bn(c[i + 1], c[i + 1], 3, 1, act=nn.SiLU))
+            nn.Sequential(
+                _conv_bn(c[i], c[i + 1], 3, 2, act=nn.SiLU),
+                _conv_bn(c[i + 1], c[i + 1], 3, 1, act=nn.SiLU),
+            )
             for i in range(4)
         )
         out = 3 * (5 + num_classes)

@@ -62,9 +62,7 @@ class Tokenizer(ABC):
                 f"the chat template cannot render these messages: {exc}", param="messages"
             ) from exc
 
-    def _render(
-        self, template: Any, messages: Sequence[dict[str, Any]], tools: Any
-    ) -> str:
+    def _render(self, template: Any, messages: Sequence[dict[str, Any]], tools: Any) -> str:
         return template.render(
             messages=list(messages),
             add_generation_prompt=True,

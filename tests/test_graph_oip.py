@@ -88,17 +88,72 @@ def test_tritonclient_metadata_and_infer(server: tuple[str, object], package: Pa
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "INT64",
-                      "data": [0] * 3072}]}, "has datatype INT64; the model takes FP32"),
-        ({"inputs": [{"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32",
-                      "data": [0.0] * 768}]}, "has shape [1, 3, 16, 16]"),
-        ({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                      "data": [0.0] * 100}]}, "100 values given"),
-        ({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                      "data": [0.0] * 3072}]}, "missing ['input']"),
-        ({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                      "data": [0.0] * 3072}], "outputs": [{"name": "logits"}]},
-         "no outputs ['logits']"),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "INT64",
+                        "data": [0] * 3072,
+                    }
+                ]
+            },
+            "has datatype INT64; the model takes FP32",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 16, 16],
+                        "datatype": "FP32",
+                        "data": [0.0] * 768,
+                    }
+                ]
+            },
+            "has shape [1, 3, 16, 16]",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "FP32",
+                        "data": [0.0] * 100,
+                    }
+                ]
+            },
+            "100 values given",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "FP32",
+                        "data": [0.0] * 3072,
+                    }
+                ]
+            },
+            "missing ['input']",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "FP32",
+                        "data": [0.0] * 3072,
+                    }
+                ],
+                "outputs": [{"name": "logits"}],
+            },
+            "no outputs ['logits']",
+        ),
         ({"inputs": "x"}, "needs an 'inputs' list"),
     ],
 )
@@ -113,9 +168,17 @@ def test_binary_body_length_mismatch(server: tuple[str, object]) -> None:
     url, _ = server
     x = np.zeros((1, 3, 32, 32), np.float32).tobytes()
     header = json.dumps(
-        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                     "parameters": {"binary_data_size": len(x)}}],
-         "parameters": {"binary_data_output": True}}
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 3, 32, 32],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(x)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
     ).encode()
     for body, needle in [
         (header + x[:-8], "ends 8 bytes short"),
@@ -157,7 +220,9 @@ def test_requests_queued_together_run_as_one_batch(package: Path) -> None:
     service = load_graph_service(
         package,
         GraphServeOptions(
-            backend="onnxruntime", precision="fp32", threads=1,
+            backend="onnxruntime",
+            precision="fp32",
+            threads=1,
             batching=BatchingOptions(max_batch=8, max_queue_delay_ms=50),
         ),
     )
@@ -184,7 +249,9 @@ def test_backpressure_429_with_retry_after(package: Path) -> None:
     service = load_graph_service(
         package,
         GraphServeOptions(
-            backend="onnxruntime", precision="fp32", threads=1,
+            backend="onnxruntime",
+            precision="fp32",
+            threads=1,
             batching=BatchingOptions(max_batch=8, max_queue_delay_ms=2000, max_queue=1),
         ),
     )
@@ -207,12 +274,17 @@ def test_backpressure_429_with_retry_after(package: Path) -> None:
     service = load_graph_service(
         package,
         GraphServeOptions(
-            backend="onnxruntime", precision="fp32", threads=1,
+            backend="onnxruntime",
+            precision="fp32",
+            threads=1,
             batching=BatchingOptions(max_batch=8, max_queue_delay_ms=2000, max_queue=1),
         ),
     )
-    body = {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                        "data": [0.0] * 3072}]}
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 3072}
+        ]
+    }
     try:
         with LiveServer(create_app([], graphs=[service])) as live:
             url = f"http://127.0.0.1:{live.port}/v2/models/cls/infer"
@@ -236,9 +308,21 @@ def test_edgemesh_serve_model_dir_speaks_v2(package: Path) -> None:
     """The user's command line: `edgemesh serve --model DIR`, fingerprint-chosen engine."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgemesh", "serve", "--model", str(package), "--port", str(port),
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "edgemesh",
+            "serve",
+            "--model",
+            str(package),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

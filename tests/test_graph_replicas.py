@@ -73,13 +73,29 @@ def test_head_balances_and_retries_a_lost_box(package: Path) -> None:
             servers[1].__exit__()  # every box lost: 503 with the OIP error body
             import httpx
 
-            body = {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                "data": [0.0] * 3072}]}
+            body = {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "FP32",
+                        "data": [0.0] * 3072,
+                    }
+                ]
+            }
             r = httpx.post(f"{head.url}/v2/models/cls/infer", json=body, timeout=30)
             assert r.status_code == 503 and "no replica of 'cls' answered" in r.json()["error"]
             # A client error is not a lost box: 400 from the head, nothing retried.
-            bad = {"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32",
-                               "data": [0.0] * 192}]}
+            bad = {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 8, 8],
+                        "datatype": "FP32",
+                        "data": [0.0] * 192,
+                    }
+                ]
+            }
             assert httpx.post(f"{head.url}/v2/models/cls/infer", json=bad).status_code == 400
     finally:
         for s in servers:
@@ -89,8 +105,12 @@ def test_head_balances_and_retries_a_lost_box(package: Path) -> None:
 
 
 def test_placement_keeps_the_boxes_that_serve_it_best() -> None:
-    boxes = [Candidate("pi", 40.0), Candidate("nuc", 6.0), Candidate("jetson", 3.5),
-             Candidate("old", None)]
+    boxes = [
+        Candidate("pi", 40.0),
+        Candidate("nuc", 6.0),
+        Candidate("jetson", 3.5),
+        Candidate("old", None),
+    ]
     assert [c.box for c in choose_replicas(boxes)] == ["jetson", "nuc"]  # within 2x of 3.5
     assert [c.box for c in choose_replicas(boxes, 3)] == ["jetson", "nuc", "pi"]
     assert [c.box for c in choose_replicas(boxes, 4)][-1] == "old"

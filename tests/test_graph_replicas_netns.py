@@ -31,9 +31,27 @@ PORT = 8100
 
 
 def _serve(box, package: Path, *extra: str):
-    argv = [sys.executable, "-m", "edgemesh", "serve", "--model", str(package), "--host",
-            box.address, "--port", str(PORT), "--backend", "onnxruntime", "--precision", "fp32",
-            "--threads", "1", "--log-level", "warning", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "edgemesh",
+        "serve",
+        "--model",
+        str(package),
+        "--host",
+        box.address,
+        "--port",
+        str(PORT),
+        "--backend",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     return box.spawn(argv)
 
 
@@ -66,8 +84,14 @@ def test_pulling_a_box_plug_reroutes_to_the_other_replica(tmp_path: Path) -> Non
         for box, proc in zip((b1, b2), procs, strict=True):
             _ready(f"http://{box.address}:{PORT}", proc)
         head_proc = _serve(
-            head, package, "--replica", f"http://{b1.address}:{PORT}",
-            "--replica", f"http://{b2.address}:{PORT}", "--replicas", "2",
+            head,
+            package,
+            "--replica",
+            f"http://{b1.address}:{PORT}",
+            "--replica",
+            f"http://{b2.address}:{PORT}",
+            "--replicas",
+            "2",
         )
         _ready(f"http://{head.address}:{PORT}", head_proc)
         client = triton.InferenceServerClient(f"{head.address}:{PORT}")

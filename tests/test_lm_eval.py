@@ -167,7 +167,8 @@ def test_lm_eval_scores_a_served_model(service: ModelService, tmp_path: Path) ->
             ll = float(resp[0][0])
             assert ll == pytest.approx(
                 # lm-eval joins context and choice with its target_delimiter, " "
-                _reference_loglikelihood(service, doc["question"], " " + choice), abs=2e-3
+                _reference_loglikelihood(service, doc["question"], " " + choice),
+                abs=2e-3,
             )
     (gen_samples,) = out.rglob("samples_edgemesh_tiny_gen_*.jsonl")
     gen_rows = [json.loads(line) for line in gen_samples.read_text().splitlines()]

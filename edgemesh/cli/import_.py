@@ -44,9 +44,7 @@ def command(
     mean: Annotated[
         str | None, typer.Option(help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406")
     ] = None,
-    std: Annotated[
-        str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225")
-    ] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225")] = None,
     scale: Annotated[float, typer.Option(help="Pixel scale before mean/std.")] = 1 / 255,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
@@ -97,7 +95,9 @@ def command(
             "" if acc is None or acc.top1_agreement is None else f", top-1 {acc.top1_agreement:.3f}"
         )
         figures = (
-            "" if acc is None else f"max abs {acc.max_abs:.3g}, rel L2 {acc.rel_l2:.3g}{top1}, "
+            ""
+            if acc is None
+            else f"max abs {acc.max_abs:.3g}, rel L2 {acc.rel_l2:.3g}{top1}, "
             f"loss {acc.loss:.4f} on {acc.samples} {acc.sample_source} samples"
         )
         typer.echo(f"  {p:5} {entry.method:11} {entry.bytes / 1e6:8.2f} MB  {figures}")

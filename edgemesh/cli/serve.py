@@ -80,8 +80,11 @@ def command(
         ),
     ] = None,
     replicas: Annotated[
-        str, typer.Option(help="Graph models with --replica: 'auto' (boxes within 2x of the "
-                          "fastest's measured p50) or how many.")
+        str,
+        typer.Option(
+            help="Graph models with --replica: 'auto' (boxes within 2x of the "
+            "fastest's measured p50) or how many."
+        ),
     ] = "auto",
 ) -> None:
     """Serve a model from this box alone (OpenAI API: /v1/completions, /v1/chat/completions)."""
@@ -101,7 +104,13 @@ def command(
         model = None
     with user_errors():
         graphs = _graph_services(
-            graph_dirs, threads, backend, precision, max_batch, max_queue_delay_ms, max_queue,
+            graph_dirs,
+            threads,
+            backend,
+            precision,
+            max_batch,
+            max_queue_delay_ms,
+            max_queue,
             max_accuracy_loss,
         )
     if replica:
@@ -148,8 +157,14 @@ def command(
 
 
 def _graph_services(
-    dirs: list[Path], threads: int | None, backend: str | None, precision: str | None,
-    max_batch: int, max_queue_delay_ms: float, max_queue: int, max_accuracy_loss: float,
+    dirs: list[Path],
+    threads: int | None,
+    backend: str | None,
+    precision: str | None,
+    max_batch: int,
+    max_queue_delay_ms: float,
+    max_queue: int,
+    max_accuracy_loss: float,
 ) -> list:
     """Graph packages opened for /v2 (backend/precision from the fingerprint unless given)."""
     if not dirs:
@@ -194,7 +209,9 @@ def _replica_set(local, urls: list[str], replicas: str):
     count = None if replicas == "auto" else int(replicas)
     chosen = choose_replicas([Candidate(k, p50) for k, (_, p50) in found.items()], count)
     typer.echo(
-        "replicas of '" + local.name + "': "
+        "replicas of '"
+        + local.name
+        + "': "
         + ", ".join(f"{c.box} ({c.p50_ms} ms)" for c in chosen),
         err=True,
     )

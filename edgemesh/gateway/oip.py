@@ -142,8 +142,13 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
 
 
 def _stats(g: Any) -> dict[str, Any]:
-    return {"name": g.name, "ready": True, "queue_depth": g.queue_depth, **g.stats(),
-            "edgemesh": g.info}
+    return {
+        "name": g.name,
+        "ready": True,
+        "queue_depth": g.queue_depth,
+        **g.stats(),
+        "edgemesh": g.info,
+    }
 
 
 def _decompress(body: bytes, encoding: str | None) -> bytes:

@@ -68,6 +68,7 @@ def compare(
 
 def rounded(acc: Accuracy) -> Accuracy:
     """Figures with 6 significant digits, for a readable manifest."""
+
     def r(x: float | None) -> float | None:
         return None if x is None else float(f"{x:.6g}")
 

@@ -117,7 +117,10 @@ def _build(model: str, out: Path, work: Path, options: BuildOptions) -> GraphMan
 
     def measure(precision: str, got: list[list[np.ndarray]]) -> accuracy.Accuracy:
         acc = accuracy.compare(
-            reference, got, classifier=task == "classifier", samples=len(samples),
+            reference,
+            got,
+            classifier=task == "classifier",
+            samples=len(samples),
             sample_source=source,
         )
         log.info("%s: %s", precision, acc)

@@ -43,13 +43,12 @@ def load_folder(
     if not folder.is_dir():
         raise CalibrationError(f"calibration folder '{folder}' does not exist")
     files = sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".npz") and p.is_file()
     )
     if not files:
-        raise CalibrationError(
-            f"calibration folder '{folder}' has no images, .npy or .npz files"
-        )
+        raise CalibrationError(f"calibration folder '{folder}' has no images, .npy or .npz files")
     samples: list[Sample] = []
     for path in files:
         samples.extend(_load_file(path, inputs, preprocessing))
@@ -110,7 +109,7 @@ def _image(path: Path, spec: TensorSpec, preprocessing: dict[str, Any] | None) -
             "not a 4-D image batch; use .npy files"
         )
     layout = (preprocessing or {}).get("layout") or layout_of(spec)
-    c, h, w = (spec.shape[1:] if layout == "NCHW" else (spec.shape[3], *spec.shape[1:3]))
+    c, h, w = spec.shape[1:] if layout == "NCHW" else (spec.shape[3], *spec.shape[1:3])
     if h == -1 or w == -1:
         raise CalibrationError(
             f"input '{spec.name}' has a dynamic height/width {list(spec.shape)}: images cannot "

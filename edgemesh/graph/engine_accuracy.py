@@ -54,7 +54,10 @@ def measure(
         ref_chunks.append([w[start : start + step] for w in want])
     acc = accuracy.rounded(
         accuracy.compare(
-            ref_chunks, got_chunks, classifier=manifest.task == "classifier", samples=n,
+            ref_chunks,
+            got_chunks,
+            classifier=manifest.task == "classifier",
+            samples=n,
             sample_source=_source(manifest),
         )
     )

@@ -49,9 +49,7 @@ def run(spec: str, work: Path, options: ImportOptions) -> Imported:
     with torch.no_grad():
         outputs = _flatten(module(*args))
     names_out = _names("output", len(outputs))
-    axes = (
-        {n: {0: "batch"} for n in [*names_in, *names_out]} if options.dynamic_batch else None
-    )
+    axes = {n: {0: "batch"} for n in [*names_in, *names_out]} if options.dynamic_batch else None
     _quiet_export(
         torch,
         module,

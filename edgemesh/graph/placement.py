@@ -38,9 +38,7 @@ def choose_replicas(
         raise PlanError("no box can serve this graph model")
     if replicas is not None and replicas < 1:
         raise PlanError(f"replicas must be >= 1 or auto, got {replicas}")
-    timed = sorted(
-        (c for c in candidates if c.p50_ms is not None), key=lambda c: c.p50_ms or 0.0
-    )
+    timed = sorted((c for c in candidates if c.p50_ms is not None), key=lambda c: c.p50_ms or 0.0)
     untimed = [c for c in candidates if c.p50_ms is None]
     ranked = timed + untimed
     if replicas is not None:

@@ -138,8 +138,12 @@ class ReplicaSet:
         now = time.monotonic()
         return {
             "replicas": [
-                {"url": r.url, "queue_depth": r.queue_depth, "served": r.served,
-                 "up": r.down_until <= now}
+                {
+                    "url": r.url,
+                    "queue_depth": r.queue_depth,
+                    "served": r.served,
+                    "up": r.down_until <= now,
+                }
                 for r in self.replicas
             ],
             "retries": self.retries,
@@ -158,8 +162,13 @@ class ReplicaSet:
 
     def config(self) -> dict[str, Any]:
         meta = self.metadata()
-        return {"name": self.name, "platform": meta["platform"], "input": meta["inputs"],
-                "output": meta["outputs"], "parameters": {"edgemesh": self.info}}
+        return {
+            "name": self.name,
+            "platform": meta["platform"],
+            "input": meta["inputs"],
+            "output": meta["outputs"],
+            "parameters": {"edgemesh": self.info},
+        }
 
     def stats(self) -> dict[str, Any]:
         return {"replicas": len(self.replicas), "retries": self.retries}
@@ -203,8 +212,14 @@ def _encode_request(feeds: dict[str, np.ndarray]) -> tuple[int, bytes]:
     inputs, chunks = [], []
     for name, array in feeds.items():
         raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        inputs.append({"name": name, "shape": list(array.shape), "datatype": oip_dtype(array.dtype),
-                       "parameters": {"binary_data_size": len(raw)}})
+        inputs.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": oip_dtype(array.dtype),
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        )
         chunks.append(raw)
     header = json.dumps(
         {"inputs": inputs, "parameters": {"binary_data_output": True}}, separators=(",", ":")

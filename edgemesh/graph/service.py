@@ -26,8 +26,12 @@ from edgemesh.graph.select import DEFAULT_MAX_ACCURACY_LOSS, Choice, box_key, ch
 
 log = logging.getLogger(__name__)
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
-             "rknn": "rknn"}
+PLATFORMS = {
+    "onnxruntime": "onnxruntime_onnx",
+    "openvino": "openvino",
+    "tensorrt": "tensorrt_plan",
+    "rknn": "rknn",
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,12 @@ class GraphService:
     from many requests at once on one event loop."""
 
     def __init__(
-        self, name: str, root: Path, manifest: GraphManifest, backend: Any, choice: Choice,
+        self,
+        name: str,
+        root: Path,
+        manifest: GraphManifest,
+        backend: Any,
+        choice: Choice,
         batching: BatchingOptions,
     ) -> None:
         self.name = name
@@ -190,8 +199,13 @@ def load_graph_service(path: Path | str, options: GraphServeOptions | None = Non
         measured = copy.deepcopy(measured)
         entry = measured.precisions[choice.precision]
         measured.precisions[choice.precision] = dataclasses.replace(entry, accuracy=acc)
-        log.info("%s: %s at %s measured loss %.4f on this box; trying the next precision",
-                 manifest.name, choice.backend, choice.precision, acc.loss)
+        log.info(
+            "%s: %s at %s measured loss %.4f on this box; trying the next precision",
+            manifest.name,
+            choice.backend,
+            choice.precision,
+            acc.loss,
+        )
     log.info("%s: %s/%s (%s)", manifest.name, choice.backend, choice.precision, choice.reason)
     service = GraphService(
         options.name or manifest.name, root, manifest, backend, choice, options.batching
@@ -216,7 +230,10 @@ def _time_one(backend: Any, manifest: GraphManifest, runs: int = 5) -> float | N
 
 
 def _open_backend(
-    root: Path, manifest: GraphManifest, choice: Choice, options: GraphServeOptions,
+    root: Path,
+    manifest: GraphManifest,
+    choice: Choice,
+    options: GraphServeOptions,
     fingerprint: dict[str, Any] | None,
 ) -> tuple[Any, Path | None]:
     from edgemesh.backends import registry

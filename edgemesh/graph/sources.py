@@ -24,8 +24,12 @@ Reference = Callable[[list[np.ndarray]], list[np.ndarray]]
 """Inputs in graph order -> outputs in graph order, run by the source framework."""
 
 FRAMEWORKS = ("pytorch", "tensorflow", "paddle", "onnx")
-EXTRAS = {"pytorch": "import-torch", "tensorflow": "import-tf", "paddle": "import-paddle",
-          "onnx": "onnx"}
+EXTRAS = {
+    "pytorch": "import-torch",
+    "tensorflow": "import-tf",
+    "paddle": "import-paddle",
+    "onnx": "onnx",
+}
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
         engine = json.loads(r.read())["edgemesh"]
     print(f"{len(rows)} frames on {engine['backend']}/{engine['precision']}: {verdicts}")
     print(f"latency ms: p50 {p50:.2f}  p90 {p90:.2f}  p99 {p99:.2f}")
-    return {"frames": len(rows), "p50_ms": p50, "p99_ms": p99, "verdicts": verdicts,
-            "engine": engine}
+    return {
+        "frames": len(rows),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "verdicts": verdicts,
+        "engine": engine,
+    }
 
 
 def _infer(client: httpclient.InferenceServerClient, model: str, name: str, x: np.ndarray):

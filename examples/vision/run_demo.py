@@ -42,22 +42,54 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     edgemesh = [sys.executable, "-m", "edgemesh"]
     subprocess.run(
-        [*edgemesh, "import", "line_model:make", "--out", str(package), "--calibration",
-         str(calib), "--mean", IMAGENET[0], "--std", IMAGENET[1], "--force"],
-        check=True, env=env, cwd=HERE,
+        [
+            *edgemesh,
+            "import",
+            "line_model:make",
+            "--out",
+            str(package),
+            "--calibration",
+            str(calib),
+            "--mean",
+            IMAGENET[0],
+            "--std",
+            IMAGENET[1],
+            "--force",
+        ],
+        check=True,
+        env=env,
+        cwd=HERE,
     )
     port = _free_port()
     server = subprocess.Popen(
-        [*edgemesh, "serve", "--model", str(package), "--port", str(port),
-         "--log-level", "warning"],
+        [
+            *edgemesh,
+            "serve",
+            "--model",
+            str(package),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env=env,
     )
     try:
         _wait(port, server)
         import client
 
-        return client.main(["--url", f"127.0.0.1:{port}", "--model", "line",
-                            "--frames", str(frames), "--package", str(package)])
+        return client.main(
+            [
+                "--url",
+                f"127.0.0.1:{port}",
+                "--model",
+                "line",
+                "--frames",
+                str(frames),
+                "--package",
+                str(package),
+            ]
+        )
     finally:
         server.terminate()
         server.wait(timeout=20)
