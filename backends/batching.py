@@ -187,7 +187,7 @@ class RangeGraphBackend(Backend):
         manifest: ``hidden_size``, ``vocab_size``, ``_kv_heads``, ``_head_dim``,
         ``context_length`` (the option, capped by the model), ``max_sequences``,
         ``_first``/``_last`` and ``_layers``. Returns the ``Package``."""
-        from edgemesh.sharding.package import open_package
+        from edgemesh.sharding.package.folder import open_package
 
         shard = self.shard
         package = open_package(shard.model)

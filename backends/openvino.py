@@ -138,7 +138,7 @@ class OpenVinoBackend(RangeGraphBackend):
     def __init__(self, shard: ShardSpec, options: Any = None) -> None:
         super().__init__(shard, options)
         ov = require("openvino", "openvino")
-        from edgemesh.sharding.package import default_cache_dir
+        from edgemesh.sharding.package.folder import default_cache_dir
 
         self._ov = ov
         package = self._open_range()

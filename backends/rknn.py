@@ -94,7 +94,7 @@ def static_range_graph(
     onnx = require("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgemesh.sharding.package import write_piece
+    from edgemesh.sharding.package.folder import write_piece
 
     model = onnx.load(str(range_onnx))
     graph = model.graph
@@ -356,7 +356,7 @@ class RknnBackend(Backend):
         if reason is not None:
             raise BackendUnavailableError(f"RKNN cannot run here: {reason}")
         lite = require("rknnlite.api", "rknn")
-        from edgemesh.sharding.package import open_package
+        from edgemesh.sharding.package.folder import open_package
 
         package = open_package(shard.model)
         start, stop = shard.layers.start, shard.layers.stop

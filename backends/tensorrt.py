@@ -85,8 +85,8 @@ def weight_only_graph(src: Path, dst: Path) -> Path:
     onnx = require("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper, version_converter
 
-    from edgemesh.sharding.package import write_piece
-    from edgemesh.sharding.quantize import dequantize
+    from edgemesh.sharding.package.folder import write_piece
+    from edgemesh.sharding.package.blocks import dequantize
 
     model = onnx.load(str(src))  # loads the external weights too
     # Lift the standard ops to opset 21 (block-wise DequantizeLinear lives
@@ -192,7 +192,7 @@ class TensorRtBackend(RangeGraphBackend):
             raise BackendUnavailableError(
                 "torch has no CUDA here", hint="install a CUDA build of torch next to TensorRT"
             )
-        from edgemesh.sharding.package import default_cache_dir
+        from edgemesh.sharding.package.folder import default_cache_dir
 
         package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop

@@ -61,7 +61,7 @@ def run(
     gguf = gguf or models.resolve(None).path
     jobs = [("llama-cpp-python", "int4"), ("llamacpp", "int4")]
     if package is not None:
-        from edgemesh.sharding.package import open_package
+        from edgemesh.sharding.package.folder import open_package
 
         pkg = open_package(package)
         name, prompt = pkg.manifest.name, pkg.tokenizer().encode(PROMPT)

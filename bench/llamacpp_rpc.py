@@ -417,7 +417,7 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.router.stage import StageSpec
     from edgemesh.sampling import SamplingParams
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     pkg = open_package(job["package"])
     n = pkg.num_layers

@@ -91,7 +91,7 @@ def cache_dir() -> Path:
 def build_package() -> Path:
     """The random wide Qwen3 as an fp32 package (built once, then reused)."""
     from edgemesh.errors import EdgemeshError
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     root = cache_dir()
     pkg = root / "pkg"
@@ -105,7 +105,7 @@ def build_package() -> Path:
 
     shutil.rmtree(root, ignore_errors=True)
     _build_hf(root / "hf")
-    from edgemesh.sharding.convert import ConvertOptions, convert
+    from edgemesh.sharding.convert.run import ConvertOptions, convert
 
     opts = ConvertOptions(precisions=("fp32",), name="wide-qwen3", evaluate=False, threads=2)
     convert(root / "hf", pkg, opts)
@@ -118,7 +118,7 @@ def _build_hf(out: Path) -> None:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from edgemesh.sharding.convert import eval_text
+    from edgemesh.sharding.convert.run import eval_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -161,7 +161,7 @@ def _build_hf(out: Path) -> None:
 
 
 def weights_bytes(package: Path) -> dict[str, int]:
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.package.manifest import Manifest
 
     m = Manifest.load(package)
     layers = sum(int(c.weight_bytes["fp32"]) for c in m.layers)
@@ -187,10 +187,10 @@ def planner_single(package: Path, limit: int, tmp: Path) -> dict[str, Any]:
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     from edgemesh.errors import InfeasiblePlanError
-    from edgemesh.sharding.boxes import load_boxes
-    from edgemesh.sharding.costs import PlanOptions
-    from edgemesh.sharding.manifest import Manifest
-    from edgemesh.sharding.planner import plan
+    from edgemesh.sharding.planner.boxes import load_boxes
+    from edgemesh.sharding.planner.costs import PlanOptions
+    from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.plan import plan
 
     boxes, links = load_boxes(profiles)
     try:
@@ -249,7 +249,7 @@ def load_whole_in_one_box(package: Path, limit: int) -> dict[str, Any]:
 
 def reference(package: Path, texts: list[str]) -> tuple[list[str], float]:
     """The single unlimited box: greedy answers in process, and its tokens/s."""
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline
 
     pkg = open_package(package)

@@ -78,7 +78,7 @@ def chats(n: int) -> list[str]:
 
 def reference_ids(package: Path, texts: list[str], tokens: list[int], precision: str) -> dict:
     """Greedy token ids per chat from one in-process pipeline, and its decode ms/token."""
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline
 
     pkg = open_package(package)
@@ -252,7 +252,7 @@ def run(
 ) -> dict[str, Any]:
     from edgemesh import models
     from edgemesh.bench.netns import skip_reason
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     why = skip_reason()
     if why:

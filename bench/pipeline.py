@@ -221,7 +221,7 @@ def router_figures(package: Path, tokens: int, tmp: Path) -> dict[str, Any]:
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.router.stage import StageSpec
     from edgemesh.sampling import SamplingParams
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     pkg = open_package(package)
     n = pkg.num_layers

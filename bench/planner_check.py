@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     from edgemesh.backends import registry
     from edgemesh.backends.base import BackendOptions, LayerRange, ShardSpec
     from edgemesh.fingerprint.calibrate import MAX_STEPS, WARMUP_STEPS, decode_step_ms
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     pkg = open_package(args.model)
     start, stop = (int(v) for v in args.layers.split(","))
@@ -79,8 +79,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def _roofline_ms(manifest: Any, boxes: dict[str, dict], stage: Any, options: Any) -> float:
     """The stage's compute time priced without any box's calibration."""
-    from edgemesh.sharding.boxes import BoxProfile
-    from edgemesh.sharding.costs import CostModel
+    from edgemesh.sharding.planner.boxes import BoxProfile
+    from edgemesh.sharding.planner.costs import CostModel
 
     bare = [{**b, "profile": {**b["profile"], "calibration": None}} for b in boxes.values()]
     model = CostModel(manifest, [BoxProfile.from_dict(b) for b in bare], None, options)
@@ -92,9 +92,9 @@ def _roofline_ms(manifest: Any, boxes: dict[str, dict], stage: Any, options: Any
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edgemesh.sharding.costs import PlanOptions
-    from edgemesh.sharding.package import open_package
-    from edgemesh.sharding.planner import plan
+    from edgemesh.sharding.planner.costs import PlanOptions
+    from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.planner.plan import plan
 
     quotas = [float(q) for q in args.quotas.split(",")]
     manifest = open_package(args.model).manifest

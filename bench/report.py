@@ -341,7 +341,7 @@ def _loopback_pipeline(result: dict[str, Any]) -> str:
 
 
 def figure_planner() -> str:
-    from edgemesh.sharding.scenarios import scenario_report
+    from edgemesh.sharding.planner.scenarios import scenario_report
 
     out = "## 4. Planner: predicted vs measured, and against simple splits\n"
     check = _load("planner_check")
@@ -387,10 +387,10 @@ def figure_planner() -> str:
             [r["scenario"], r["bottleneck_ms"], r.get("memory_proportional_ms"), r.get("equal_ms"),
              r.get("speedup_memory_proportional")]
         )  # fmt: skip
-    out += "\nScenario set (`sharding/scenarios.py`), predicted bottleneck per token:\n"
+    out += "\nScenario set (`sharding/planner/scenarios.py`), predicted bottleneck per token:\n"
     header = ["scenario", "edgemesh ms", "memory-proportional ms", "equal split ms"]
     out += _table([*header, "× vs memory-proportional"], rows)
-    out += "\n_Source:_ `edgemesh.sharding.scenarios.scenario_report()` (cost model only)\n"
+    out += "\n_Source:_ `edgemesh.sharding.planner.scenarios.scenario_report()` (cost model only)\n"
     return out
 
 

@@ -26,7 +26,7 @@ def onnx_decode(
     package: Path, precision: str, tokens: int, threads: int, repeats: int, **backend_kw: Any
 ) -> dict[str, Any]:
     from edgemesh.backends.base import BackendOptions
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline
 
     pkg = open_package(package)

@@ -38,7 +38,7 @@ def say(msg: str) -> None:
 
 
 def smollm2(out: Path, threads: int | None) -> None:
-    from edgemesh.sharding.convert import ConvertOptions, convert
+    from edgemesh.sharding.convert.run import ConvertOptions, convert
 
     cache = Path.home() / ".cache" / "edgemesh" / "sources"
     gguf = cache / Path(GGUF_IN_WHEEL).name
@@ -91,7 +91,7 @@ def rows(pkg: Path, root: Path, which: list[str], recover: int, threads: int | N
 
 
 def distill(teacher: Path, root: Path, keep: int, steps: int, threads: int | None) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.slim.distillation import slim_distill
     from edgemesh.sharding.slim.pruning import slim_prune
 
@@ -121,7 +121,7 @@ def decode_speed(path: Path, precision: str, threads: int | None, runs: int = 3)
     import statistics
 
     from edgemesh.backends.base import BackendOptions
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline
     from edgemesh.sharding.slim.measure import SPEED_PROMPT_TOKENS, SPEED_TOKENS
     from edgemesh.sharding.slim.text import heldout_text
@@ -144,7 +144,7 @@ def decode_speed(path: Path, precision: str, threads: int | None, runs: int = 3)
 
 
 def table(packages: list[Path], threads: int | None, speed: bool = False) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.slim.report import markdown, report
 
     found = []

@@ -102,7 +102,7 @@ def load_package_service(source: ModelSource, options: LocalOptions) -> ModelSer
     """Serve a converted package on this box: one in-process stage over all layers.
 
     No mesh and no router: the package's layers run in this process."""
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import load_pipeline
 
     package = open_package(source.path)
@@ -175,7 +175,7 @@ def choose_package_runtime(
     Raises ``ConfigError``/``BackendUnavailableError`` naming what to change.
     """
     from edgemesh.backends import registry
-    from edgemesh.sharding.costs import precision_refusal
+    from edgemesh.sharding.planner.costs import precision_refusal
 
     why = []
     fp: dict[str, Any] | None = None

@@ -82,8 +82,8 @@ def default_package(cache_dir: Path | None = None) -> Path:
     import tempfile
 
     from edgemesh.errors import EdgemeshError
-    from edgemesh.sharding.convert import convert
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.convert.run import convert
+    from edgemesh.sharding.package.folder import open_package
 
     target = (cache_dir / "packages" if cache_dir else paths.packages_dir()) / DEFAULT_MODEL
     if (target / "manifest.json").is_file():

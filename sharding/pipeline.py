@@ -23,7 +23,7 @@ from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSp
 from edgemesh.errors import ConfigError
 from edgemesh.pipeline import LocalPipeline, Pick
 from edgemesh.sampling import SamplingParams
-from edgemesh.sharding.package import Package, open_package
+from edgemesh.sharding.package.folder import Package, open_package
 
 log = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ def subject(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         gguf = request.getfixturevalue("default_gguf")
         return Subject(cls, gguf, gguf_layer_count(gguf), "int4", cache, device)
     package = request.getfixturevalue("onnx_package")
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     precision = "fp32" if "fp32" in cls.capabilities.precisions else cls.capabilities.precisions[0]
     return Subject(cls, package, open_package(package).num_layers, precision, cache, device)
@@ -197,7 +197,7 @@ def _split_logits(subject: Subject, precision: str, ids: np.ndarray, cut: int) -
 def test_one_shard_equals_two_shards_near_fp32_reference(subject: Subject) -> None:
     if not subject.caps.partial_ranges:
         pytest.skip(f"{subject.cls.name} runs whole models only (Capabilities.partial_ranges)")
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     ids = _ids(12, 5)
     ref = fp32_reference(subject.model, ids)  # [12, V]

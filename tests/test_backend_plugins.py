@@ -16,9 +16,9 @@ from edgemesh.fingerprint import collect, kernels
 from edgemesh.fingerprint.measure import measurable
 from edgemesh.fingerprint.model import MatmulFigure, Measurement
 from edgemesh.fingerprint.policy import MEMORY_POOR_BYTES
-from edgemesh.sharding.boxes import BoxProfile
-from edgemesh.sharding.planner import plan
-from edgemesh.sharding.scenarios import gemma_270m_like
+from edgemesh.sharding.planner.boxes import BoxProfile
+from edgemesh.sharding.planner.plan import plan
+from edgemesh.sharding.planner.scenarios import gemma_270m_like
 
 # A real backend: onnxruntime's range runtime under another name, for a
 # made-up accelerator, preferring fp16 like a tensor-core part would.

@@ -17,12 +17,12 @@ from edgemesh.fingerprint.calibrate import (
     calibrate,
     run_calibration,
 )
-from edgemesh.sharding.boxes import BoxProfile
-from edgemesh.sharding.calibration import Calibration, StageTiming
-from edgemesh.sharding.costs import CostModel, PlanOptions
-from edgemesh.sharding.manifest import Artifact
-from edgemesh.sharding.planner import plan
-from edgemesh.sharding.scenarios import synthetic_manifest
+from edgemesh.sharding.planner.boxes import BoxProfile
+from edgemesh.sharding.planner.calibration import Calibration, StageTiming
+from edgemesh.sharding.planner.costs import CostModel, PlanOptions
+from edgemesh.sharding.package.manifest import Artifact
+from edgemesh.sharding.planner.plan import plan
+from edgemesh.sharding.planner.scenarios import synthetic_manifest
 from tests.fixtures.tiny_models import shared_tiny_package
 
 runner = CliRunner()
@@ -153,7 +153,7 @@ def tiny() -> Path:
 
 
 def test_real_calibration_of_a_tiny_package_is_cached(tiny: Path, tmp_path: Path) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     digest = open_package(tiny).manifest.digest()
     found = calibrate(tiny, ["onnxruntime"], 1, 2 << 30, "hw-key", tmp_path, window_s=WINDOW_S)
@@ -196,7 +196,7 @@ def test_too_few_layers_to_calibrate_is_a_typed_error() -> None:
 
 
 def test_corrupt_calibration_cache_is_timed_again(tiny: Path, tmp_path: Path) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     digest = open_package(tiny).manifest.digest()
     path = cache_path(tmp_path, "hw", digest, 32, 1)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from edgemesh.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
-from edgemesh.sharding.architectures import spec_from_config
-from edgemesh.sharding.manifest import Manifest, sha256_file
-from edgemesh.sharding.package import open_package
-from edgemesh.sharding.quantize import blockwise, dequantize
+from edgemesh.sharding.convert.architectures import spec_from_config
+from edgemesh.sharding.package.manifest import Manifest, sha256_file
+from edgemesh.sharding.package.folder import open_package
+from edgemesh.sharding.package.blocks import blockwise, dequantize
 from tests.fixtures.tiny_models import shared_tiny_package
 
 # -- architectures -------------------------------------------------------------
@@ -23,7 +23,7 @@ def _write_config(folder, **config) -> None:
 
 
 def test_an_unsupported_architecture_is_refused_by_name(tmp_path) -> None:
-    from edgemesh.sharding.convert import convert
+    from edgemesh.sharding.convert.run import convert
 
     _write_config(tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(UnsupportedModelError) as err:
@@ -52,7 +52,7 @@ def test_multimodal_gemma3_and_dynamic_rope_are_refused() -> None:
 
 
 def test_missing_source_and_bad_precision(tmp_path) -> None:
-    from edgemesh.sharding.convert import ConvertOptions, convert
+    from edgemesh.sharding.convert.run import ConvertOptions, convert
 
     with pytest.raises(ModelNotFoundError):
         convert(tmp_path / "nowhere", tmp_path / "out")
@@ -101,7 +101,7 @@ def test_blockwise_quantisation_round_trips(bits) -> None:
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_embedding_piece_returns_the_scaled_rows(precision) -> None:
     ort = pytest.importorskip("onnxruntime")
-    from edgemesh.sharding.quantize import embedding_model
+    from edgemesh.sharding.convert.quantize import embedding_model
 
     table = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)
     model = embedding_model(table, 8.0, precision, 17)

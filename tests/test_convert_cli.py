@@ -44,7 +44,7 @@ def test_convert_prints_a_summary_and_writes_a_package(converted) -> None:
 
 def test_generate_json_matches_the_python_api(converted, app) -> None:
     from edgemesh.backends.base import BackendOptions
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline
 
     root, _ = converted
@@ -104,7 +104,7 @@ def test_cli_errors_are_one_line_and_name_the_problem(converted, app, tmp_path) 
 
 def _boxes_splitting(manifest, path) -> None:
     """Two onnxruntime boxes, each with room for ~60% of the model at fp32."""
-    from edgemesh.sharding.costs import RUNTIME_OVERHEAD_BYTES, PlanOptions
+    from edgemesh.sharding.planner.costs import RUNTIME_OVERHEAD_BYTES, PlanOptions
 
     context = PlanOptions().context_for(manifest)
     weights = sum(c.weight_bytes["fp32"] for c in manifest.layers)
@@ -122,7 +122,7 @@ def _boxes_splitting(manifest, path) -> None:
 
 def test_plan_from_a_converted_package_then_generate_through_its_cuts(converted, app) -> None:
     """The planner reads the manifest convert wrote, and its cuts run."""
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.package.manifest import Manifest
 
     root, _ = converted
     manifest = Manifest.load(root / "pkg")
@@ -155,7 +155,7 @@ def test_plan_from_a_converted_package_then_generate_through_its_cuts(converted,
 
 
 def test_plan_respects_the_measured_accuracy_of_the_package(converted, app) -> None:
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.package.manifest import Manifest
 
     root, _ = converted
     loss = Manifest.load(root / "pkg").accuracy["int8"]

@@ -39,7 +39,7 @@ def ctx512(tmp_path_factory, app) -> tuple[Path, dict]:
 
 
 def test_a_context_512_model_converts_with_defaults_and_is_measured_in_windows(ctx512) -> None:
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.package.manifest import Manifest
 
     root, summary = ctx512
     manifest = Manifest.load(root / "pkg")
@@ -62,8 +62,8 @@ def test_windowed_perplexity_matches_transformers_on_the_same_windows(ctx512) ->
     import transformers
 
     from edgemesh.backends.base import BackendOptions
-    from edgemesh.sharding.convert import eval_text
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.convert.run import eval_text
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import load_pipeline, perplexity_windows
 
     root, _ = ctx512
@@ -133,8 +133,8 @@ def unmeasured(tmp_path_factory, app) -> tuple[Path, str]:
 
 
 def test_a_tokenizer_that_cannot_represent_the_text_still_yields_a_package(unmeasured) -> None:
-    from edgemesh.sharding.manifest import Manifest
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.package.folder import open_package
 
     root, output = unmeasured
     manifest = Manifest.load(root / "pkg")
@@ -178,8 +178,8 @@ def test_the_planner_allows_only_fp32_fp16_for_it_unless_the_budget_is_unbounded
     assert {s["precision"] for s in json.loads(unbounded.stdout)["stages"]} & {"int8", "int4"}
     assert "not measured" not in unbounded.stderr
 
-    from edgemesh.sharding.costs import precision_refusal
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.planner.costs import precision_refusal
+    from edgemesh.sharding.package.manifest import Manifest
 
     manifest = Manifest.load(root / "pkg")
     assert "accuracy not measured" in (precision_refusal(manifest, "int8", 10.0) or "")

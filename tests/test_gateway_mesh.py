@@ -51,7 +51,7 @@ TOOL = {
 def mesh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelService]:
     ray = pytest.importorskip("ray")
     from edgemesh.router.ray_pipeline import RayPipeline
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     package = shared_tiny_package("qwen3")  # 3 layers
     tmp = tmp_path_factory.mktemp("mesh")

@@ -26,8 +26,8 @@ FOLDERS = {
 
 # Lowest first. A module named exactly belongs to that layer (a single file
 # that sits in a folder of another layer); otherwise the first glob wins.
-# sharding/ holds three layers today (package format, converter, planner);
-# the planned split into subpackages follows these lines.
+# sharding/ is three layers: package/ (the format, below backends),
+# convert/ and planner/ (above them, beside the fingerprint).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("edgemesh", "edgemesh.errors", "edgemesh.paths", "edgemesh.reexec")),
     (
@@ -37,11 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edgemesh.chat_templates",
             "edgemesh.sampling",
             "edgemesh.grammar",
-            "edgemesh.sharding.manifest",
             "edgemesh.sharding.package",
-            "edgemesh.sharding.range_cache",
-            "edgemesh.sharding.tokenizer",
-            "edgemesh.sharding.quantize",  # weight formats; TensorRT reads its scales
+            "edgemesh.sharding.package.*",
             "edgemesh.graph.tensors",
             "edgemesh.graph.manifest",
             "edgemesh.graph.graph_check",

@@ -16,7 +16,7 @@ from edgemesh.errors import (
     InferenceError,
     ShardLoadError,
 )
-from edgemesh.sharding.manifest import sha256_file
+from edgemesh.sharding.package.manifest import sha256_file
 from tests.fixtures.tiny_models import shared_tiny_package
 
 ort = pytest.importorskip("onnxruntime")

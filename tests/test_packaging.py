@@ -72,9 +72,20 @@ def test_wheel_holds_only_the_edgemesh_namespace(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.startswith("edgemesh-")}
     assert top == {"edgemesh"}
+    # Every package folder of the checkout ships (pyproject lists them by hand).
+    for folder, prefix in (("edgemesh", "edgemesh"), ("mesh", "edgemesh/mesh"),
+                           ("sharding", "edgemesh/sharding"), ("backends", "edgemesh/backends"),
+                           ("bench", "edgemesh/bench")):  # fmt: skip
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.relative_to(ROOT / folder).as_posix()
+            if folder == "edgemesh" and rel.split("/")[0] in ("mesh", "sharding", "backends"):
+                continue
+            assert f"{prefix}/{rel}" in names, f"{folder}/{rel} is missing from the wheel"
     for module in (
         "edgemesh/mesh/__init__.py",
-        "edgemesh/sharding/manifest.py",
+        "edgemesh/sharding/package/manifest.py",
+        "edgemesh/sharding/convert/data/perplexity.txt",
+        "edgemesh/sdk/client.py",
         "edgemesh/backends/llamacpp.py",
         "edgemesh/gateway/app.py",
         "edgemesh/bench/single.py",
@@ -183,8 +194,8 @@ def test_python_m_edgemesh_runs_in_a_clone_root(clone: Path) -> None:
     """A clone run in place finds its backends/, mesh/, sharding/ and bench/."""
     code = (
         "import json, edgemesh, edgemesh.backends.registry as r, edgemesh.mesh, "
-        "edgemesh.sharding.manifest, edgemesh.bench;"
-        "print(json.dumps([edgemesh.__file__, r.__file__, edgemesh.sharding.manifest.__file__]))"
+        "edgemesh.sharding.package.manifest, edgemesh.bench;"
+        "print(json.dumps([edgemesh.__file__, r.__file__, edgemesh.sharding.package.manifest.__file__]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=clone, timeout=120

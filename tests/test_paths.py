@@ -76,7 +76,7 @@ def test_every_cache_and_state_user_follows_the_rule(
     from edgemesh.gateway.packages import search_roots
     from edgemesh.mesh.config import default_state_dir
     from edgemesh.router.artifacts import default_cache_root
-    from edgemesh.sharding.package import default_cache_dir as range_cache
+    from edgemesh.sharding.package.folder import default_cache_dir as range_cache
 
     monkeypatch.setenv("EDGEMESH_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xs"))

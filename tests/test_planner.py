@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from edgemesh.errors import InfeasiblePlanError, PlanError
-from edgemesh.sharding.boxes import BoxProfile, parse_boxes
-from edgemesh.sharding.costs import CostModel, PlanOptions
-from edgemesh.sharding.planner import Plan, plan
-from edgemesh.sharding.scenarios import (
+from edgemesh.sharding.planner.boxes import BoxProfile, parse_boxes
+from edgemesh.sharding.planner.costs import CostModel, PlanOptions
+from edgemesh.sharding.planner.plan import Plan, plan
+from edgemesh.sharding.planner.scenarios import (
     MODELS,
     SCENARIOS,
     gemma_270m_like,

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgemesh.cli import app
-from edgemesh.sharding.scenarios import SCENARIOS, gemma_270m_like, llm_7b_like
+from edgemesh.sharding.planner.scenarios import SCENARIOS, gemma_270m_like, llm_7b_like
 
 runner = CliRunner()
 BOX_FILES = Path(__file__).resolve().parent / "data" / "boxes"

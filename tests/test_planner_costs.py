@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from edgemesh.errors import ConfigError, InfeasiblePlanError
-from edgemesh.sharding.boxes import BoxProfile, Link, load_boxes, parse_boxes, resolve_link
-from edgemesh.sharding.costs import CostModel, PlanOptions
-from edgemesh.sharding.planner import plan
-from edgemesh.sharding.scenarios import SCENARIOS, gemma_270m_like, llm_7b_like
+from edgemesh.sharding.planner.boxes import BoxProfile, Link, load_boxes, parse_boxes, resolve_link
+from edgemesh.sharding.planner.costs import CostModel, PlanOptions
+from edgemesh.sharding.planner.plan import plan
+from edgemesh.sharding.planner.scenarios import SCENARIOS, gemma_270m_like, llm_7b_like
 
 BOX_FILES = Path(__file__).resolve().parent / "data" / "boxes"
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from edgemesh.errors import InfeasiblePlanError
-from edgemesh.sharding.boxes import BoxProfile, Link, parse_boxes
-from edgemesh.sharding.costs import CostModel, PlanOptions
-from edgemesh.sharding.manifest import LayerCost, Manifest
-from edgemesh.sharding.planner import plan
-from edgemesh.sharding.scenarios import MODELS, SCENARIOS, synthetic_manifest
-from edgemesh.sharding.solver import solve_exact, solve_ordered
+from edgemesh.sharding.planner.boxes import BoxProfile, Link, parse_boxes
+from edgemesh.sharding.planner.costs import CostModel, PlanOptions
+from edgemesh.sharding.package.manifest import LayerCost, Manifest
+from edgemesh.sharding.planner.plan import plan
+from edgemesh.sharding.planner.scenarios import MODELS, SCENARIOS, synthetic_manifest
+from edgemesh.sharding.planner.solver import solve_exact, solve_ordered
 
 
 def all_plans(model: CostModel, every_option: bool = True):
@@ -175,7 +175,7 @@ def test_exact_solver_is_never_worse_than_any_fixed_order_on_eight_boxes() -> No
     scenario = SCENARIOS["eight_boxes"]
     boxes, links = parse_boxes(scenario.boxes_json())
     model = CostModel(MODELS[scenario.model](), boxes, links, PlanOptions())
-    from edgemesh.sharding.planner import score_tables
+    from edgemesh.sharding.planner.plan import score_tables
 
     score, last, _ = score_tables(model)
     exact = solve_exact(score, last, "max")

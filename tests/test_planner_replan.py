@@ -10,11 +10,11 @@ import random
 import pytest
 
 from edgemesh.errors import InfeasiblePlanError, PlanError
-from edgemesh.sharding.boxes import parse_boxes
-from edgemesh.sharding.costs import CostModel, PlanOptions
-from edgemesh.sharding.planner import Plan, plan
-from edgemesh.sharding.replan import replan
-from edgemesh.sharding.scenarios import MODELS, SCENARIOS, gemma_270m_like, llm_7b_like, orin
+from edgemesh.sharding.planner.boxes import parse_boxes
+from edgemesh.sharding.planner.costs import CostModel, PlanOptions
+from edgemesh.sharding.planner.plan import Plan, plan
+from edgemesh.sharding.planner.replan import replan
+from edgemesh.sharding.planner.scenarios import MODELS, SCENARIOS, gemma_270m_like, llm_7b_like, orin
 from tests.test_planner_exact import all_plans, random_case
 
 

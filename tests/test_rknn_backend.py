@@ -29,7 +29,7 @@ REASON = registry.get("rknn").available()
 
 
 def _static_runner(package: Path, start: int, stop: int, folder: Path, context: int, chunk: int):
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     pkg = open_package(package)
     extra = pkg.manifest.extra
@@ -64,7 +64,7 @@ def _static_runner(package: Path, start: int, stop: int, folder: Path, context: 
 
 def _dynamic(package: Path, start: int, stop: int, tmp: Path):
     from edgemesh.backends.onnxruntime import OnnxRuntimeBackend
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     n = open_package(package).num_layers
     opts = BackendOptions(threads=1, cache_dir=tmp / "ranges")

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from edgemesh.cli import app
 from edgemesh.errors import ConfigError
 from edgemesh.local import choose_package_runtime
-from edgemesh.sharding.manifest import Manifest
+from edgemesh.sharding.package.manifest import Manifest
 from tests.conftest import free_port
 from tests.fixtures.tiny_models import shared_tiny_package
 

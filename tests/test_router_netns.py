@@ -126,7 +126,7 @@ def lab() -> Iterator[NetnsLab]:
 
 def test_three_boxes_serve_one_model_and_survive_losing_one(lab: NetnsLab) -> None:
     from edgemesh.mesh.config import create_secret
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     package = shared_tiny_package("qwen3")
     tokenizer = open_package(package).tokenizer()

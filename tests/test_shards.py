@@ -18,7 +18,7 @@ import pytest
 
 from edgemesh.backends.base import BackendOptions
 from edgemesh.errors import ConfigError, CorruptArtifactError
-from edgemesh.sharding.package import open_package
+from edgemesh.sharding.package.folder import open_package
 from edgemesh.sharding.pipeline import generate, load_pipeline, ranges_from_cuts
 from tests.fixtures.tiny_models import ARCHS, hf_model_dir, shared_tiny_package
 
@@ -212,7 +212,7 @@ def test_a_damaged_tokenizer_is_caught(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def default_package(tmp_path_factory, default_gguf):
     """The default GGUF converted at fp32 (no perplexity pass, to keep it short)."""
-    from edgemesh.sharding.convert import ConvertOptions, convert
+    from edgemesh.sharding.convert.run import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("default") / "pkg"
     convert(default_gguf, out, ConvertOptions(precisions=("fp32",), evaluate=False))
@@ -228,7 +228,7 @@ def test_default_model_is_token_identical_to_transformers_through_every_cut(
     package = open_package(default_package)
     n = package.num_layers
     ids = package.tokenizer().encode(PROMPT)
-    from edgemesh.sharding.sources import open_source
+    from edgemesh.sharding.convert.sources import open_source
 
     # The reference: transformers' Gemma3ForCausalLM holding the GGUF's tensors
     # as transformers' own GGUF reader dequantises them. (from_pretrained with

@@ -72,7 +72,7 @@ def _no_leftovers(folder: Path) -> None:
 def test_activation_aware_int4_writes_a_package_generate_and_plan_use(
     app, source, tmp_path, method
 ) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     out = tmp_path / method
     record = _slim(app, str(source), "--method", method, "--bits", "4", "--out", str(out),
@@ -113,7 +113,7 @@ def test_prune_ffn_with_recovery_keeps_shapes_consistent_across_shards(
 ) -> None:
     import onnx
 
-    from edgemesh.sharding.package import open_package, piece_path
+    from edgemesh.sharding.package.folder import open_package, piece_path
 
     out, hf = tmp_path / "p50", tmp_path / "p50-hf"
     record = _slim(app, str(source), "--method", "prune-ffn", "--ratio", "0.5",
@@ -146,7 +146,7 @@ def test_prune_ffn_with_recovery_keeps_shapes_consistent_across_shards(
 
 
 def test_prune_depth_drops_the_least_influential_layer(app, source, tmp_path) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     out = tmp_path / "d1"
     record = _slim(app, str(source), "--method", "prune-depth", "--layers", "1", "--out",
@@ -177,7 +177,7 @@ def _student(tmp: Path, layers: int) -> Path:
 
 
 def test_distillation_lowers_the_students_heldout_kl_and_resumes(app, source, tmp_path) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     student = _student(tmp_path, 2)
     out = tmp_path / "distilled"
@@ -259,7 +259,7 @@ def test_report_prints_one_row_per_package(app, source, tmp_path) -> None:
 
 
 def test_the_bundled_text_splits_into_disjoint_calibration_and_heldout_parts() -> None:
-    from edgemesh.sharding.convert import eval_text
+    from edgemesh.sharding.convert.run import eval_text
     from edgemesh.sharding.slim.text import HELDOUT_FROM, calibration_text, heldout_text
 
     calib, held = calibration_text(), heldout_text()

@@ -39,7 +39,7 @@ def _feeds(layers: int, n: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_weight_only_rewrite_matches_the_package_graph(precision: str, tmp_path: Path) -> None:
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     pkg = open_package(shared_tiny_package("qwen3"))
     graph = pkg.range_graph(0, 3, precision, tmp_path / "ranges")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgemesh.backends.rknn import DEFAULT_CHUNK, DEFAULT_CONTEXT, rknn_dir, static_range_graph
 from edgemesh.errors import EdgemeshError
-from edgemesh.sharding.package import open_package
+from edgemesh.sharding.package.folder import open_package
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -44,7 +44,7 @@ def command(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with user_errors():
         from edgemesh.models import DEFAULT_MODEL, default_model_path
-        from edgemesh.sharding.convert import ConvertOptions, convert
+        from edgemesh.sharding.convert.run import ConvertOptions, convert
 
         path: Path | str = source
         if source == DEFAULT_MODEL:

@@ -43,7 +43,7 @@ def command(
     """Generate text from a package cut into layer ranges, all in this process (no mesh)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from edgemesh.backends.base import BackendOptions
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.pipeline import generate, load_pipeline, parse_cuts
 
     with user_errors():

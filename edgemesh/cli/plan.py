@@ -51,11 +51,11 @@ def command(
 ) -> None:
     """Split a model's layers over boxes and predict tokens/s (exit 1 if it cannot fit)."""
     from edgemesh.errors import ConfigError
-    from edgemesh.sharding.boxes import BoxProfile, load_boxes
-    from edgemesh.sharding.costs import PlanOptions
-    from edgemesh.sharding.explain import render_plan
-    from edgemesh.sharding.manifest import Manifest
-    from edgemesh.sharding.planner import plan, whole_model_backends
+    from edgemesh.sharding.planner.boxes import BoxProfile, load_boxes
+    from edgemesh.sharding.planner.costs import PlanOptions
+    from edgemesh.sharding.planner.explain import render_plan
+    from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.plan import plan, whole_model_backends
 
     with user_errors():
         manifest = Manifest.load(model)
@@ -84,7 +84,7 @@ def command(
         print_json(result.to_dict())
     else:
         typer.echo(render_plan(result))
-    from edgemesh.sharding.costs import unmeasured_note
+    from edgemesh.sharding.planner.costs import unmeasured_note
 
     note = unmeasured_note(manifest, max_accuracy_loss)
     if note:

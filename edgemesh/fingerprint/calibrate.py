@@ -12,7 +12,7 @@ cached at the start:
 * ``[L - 1, L)``        the last layer:            overhead + layer + head
 
 which give ``layer_ms``, ``overhead_ms``, ``embed_ms`` and ``head_ms``
-(``edgemesh.sharding.calibration``). A window's mean, never the median of
+(``edgemesh.sharding.planner.calibration``). A window's mean, never the median of
 its steps, because under a CPU quota a step either runs at full speed or
 waits out the throttled rest of a 100 ms CFS period: the median of such
 steps is the unthrottled speed, the mean is what a pipeline gets. ``n`` is
@@ -40,9 +40,9 @@ import numpy as np
 
 from edgemesh.backends.base import Backend, SeqInput
 from edgemesh.errors import BackendError, ConfigError, EdgemeshError, FingerprintError
-from edgemesh.sharding.calibration import Calibration, StageTiming
-from edgemesh.sharding.manifest import Manifest
-from edgemesh.sharding.package import Package
+from edgemesh.sharding.planner.calibration import Calibration, StageTiming
+from edgemesh.sharding.package.manifest import Manifest
+from edgemesh.sharding.package.folder import Package
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def candidates(
 ) -> list[tuple[type[Backend], str]]:
     """(backend class, precision) pairs worth timing, best backend first."""
     from edgemesh.backends import registry
-    from edgemesh.sharding.costs import precision_refusal
+    from edgemesh.sharding.planner.costs import precision_refusal
 
     out = []
     for name in installed:
@@ -192,7 +192,7 @@ def run_calibration(
     length (``WINDOWS`` of them per range). Raises ModelNotFoundError /
     CorruptArtifactError for a bad package and FingerprintError when it
     has too few layers to tell a layer from the embedding and the head."""
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     begin = time.perf_counter()
     package = open_package(package_dir)
@@ -247,7 +247,7 @@ def calibrate(
     """Cached ``run_calibration``: ``hardware_key`` is ``measure.cache_key``
     (CPU, cores, memory limit, library versions), so any change of those, or
     of the package, times again."""
-    from edgemesh.sharding.package import open_package
+    from edgemesh.sharding.package.folder import open_package
 
     digest = open_package(package_dir).manifest.digest()
     path = cache_path(cache_dir, hardware_key, digest, position, threads)

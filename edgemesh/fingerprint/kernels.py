@@ -115,7 +115,7 @@ def _onnx_model(precision: str, shape: Shape) -> bytes:
             nodes.append(helper.make_node("MatMul", [x, w], [y]))
         else:
             # MatMulNBits, as the converted packages store int8/int4 weights
-            # (sharding/quantize.py), so the figure describes the kernel that
+            # (sharding/convert/quantize.py), so the figure describes the kernel that
             # will run: B is [N, K/block, block*bits/8] uint8, one scale a block.
             bits = 8 if precision == "int8" else 4
             blocks = k // INT4_BLOCK

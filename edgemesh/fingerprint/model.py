@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgemesh.sharding.calibration import Calibration, parse_calibrations
+from edgemesh.sharding.planner.calibration import Calibration, parse_calibrations
 
 
 @dataclass(frozen=True)

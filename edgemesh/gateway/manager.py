@@ -277,8 +277,8 @@ class LocalManager(Manager):
         return usable_profile(self.box_id())
 
     def plan(self, package: str, box: str | None = None, name: str | None = None) -> dict:
-        from edgemesh.sharding.package import open_package
-        from edgemesh.sharding.planner import plan
+        from edgemesh.sharding.package.folder import open_package
+        from edgemesh.sharding.planner.plan import plan
 
         info = _package(package)
         if info["kind"] != "llm":
@@ -306,7 +306,7 @@ class LocalManager(Manager):
     def _deploy(self, info: dict, name: str, plan: dict | None) -> tuple[str, Any]:
         from edgemesh.local import load_package_service
         from edgemesh.models import ModelSource
-        from edgemesh.sharding.planner import Plan
+        from edgemesh.sharding.planner.plan import Plan
 
         chosen = Plan.from_dict(plan) if plan is not None else None
         if chosen is None:

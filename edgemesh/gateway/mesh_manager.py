@@ -237,7 +237,7 @@ class MeshManager(Manager):
     # -- planning -------------------------------------------------------------
 
     def _manifest(self, package: str, box: str) -> tuple[bytes, Any]:
-        from edgemesh.sharding.manifest import Manifest
+        from edgemesh.sharding.package.manifest import Manifest
 
         task = self._ray.remote(read_manifest)
         ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
@@ -267,7 +267,7 @@ class MeshManager(Manager):
         return box
 
     def plan(self, package: str, box: str | None = None, name: str | None = None) -> dict:
-        from edgemesh.sharding.planner import plan
+        from edgemesh.sharding.planner.plan import plan
 
         box = self._box(box)
         _raw, manifest = self._manifest(package, box)
@@ -310,7 +310,7 @@ class MeshManager(Manager):
         from edgemesh.router.mirror import mirror_package
         from edgemesh.router.placement import checked_plan
         from edgemesh.router.service import mesh_service
-        from edgemesh.sharding.planner import plan
+        from edgemesh.sharding.planner.plan import plan
 
         step("planning")
         profiles = self._profiles()
@@ -397,14 +397,14 @@ class MeshManager(Manager):
         return msg, None
 
     def replan(self, name: str) -> dict[str, Any]:
-        from edgemesh.sharding.planner import plan
+        from edgemesh.sharding.planner.plan import plan
 
         service = self._service(name)
         placer = getattr(service.engine.pipeline, "placer", None)
         record = self._records()["models"].get(name)
         if record is None:
             raise NotFoundError(f"no deployment record for '{name}'", code="model_not_found")
-        from edgemesh.sharding.manifest import Manifest
+        from edgemesh.sharding.package.manifest import Manifest
 
         manifest = Manifest.from_dict(json.loads(record["manifest"]))
         current = placer.plan.to_dict() if placer is not None else record["plan"]
@@ -417,7 +417,7 @@ class MeshManager(Manager):
         def run(job: Job) -> tuple[str, Any]:
             record = self._records()["models"][name]
             self._undeploy(name)
-            from edgemesh.sharding.manifest import Manifest
+            from edgemesh.sharding.package.manifest import Manifest
 
             manifest = Manifest.from_dict(json.loads(record["manifest"]))
             msg, result = self._deploy(
@@ -471,7 +471,7 @@ class MeshManager(Manager):
         if any(st["box"] == box for st in proposed["stages"]):
             raise ConflictError(f"the planner still puts '{name}' on {box}", code="busy")
         record = self._records()["models"][name]
-        from edgemesh.sharding.manifest import Manifest
+        from edgemesh.sharding.package.manifest import Manifest
 
         self._undeploy(name)
         self._deploy(

@@ -22,7 +22,7 @@ from typing import Any
 
 from edgemesh import paths
 from edgemesh.errors import CorruptArtifactError, ModelNotFoundError
-from edgemesh.sharding.manifest import MANIFEST_NAME, Manifest, verify_artifact
+from edgemesh.sharding.package.manifest import MANIFEST_NAME, Manifest, verify_artifact
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Steps, from any box of the mesh (a Ray driver connected with the mesh's token):
 1. Box profiles: each box with a live Ray node measures itself in a task
    pinned to it (``edgemesh info --measure``'s figures, cached per box), unless
    profiles are given (``--boxes``).
-2. Plan with ``edgemesh.sharding.planner.plan``.
+2. Plan with ``edgemesh.sharding.planner.plan.plan``.
 3. Artifacts: a source actor on this box serves the package; a detached
    mirror on the head copies it (sha256-verified) so the package outlives
    this box; stages fetch from the mirror what their box lacks.
@@ -91,8 +91,8 @@ def deploy(
     """
     ray = require("ray", "mesh")
     from edgemesh.router.serve import start_gateway
-    from edgemesh.sharding.package import open_package
-    from edgemesh.sharding.planner import plan
+    from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.planner.plan import plan
 
     if not ray.is_initialized():
         raise MeshError("not connected to the mesh's Ray", hint="run `edgemesh join` first")

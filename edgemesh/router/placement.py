@@ -2,7 +2,7 @@
 
 A ``Placer`` answers two questions for the ``RayPipeline``: the stages to
 start with, and the stages to continue with when only ``alive`` boxes are
-left. ``PlanPlacer`` re-plans with ``edgemesh.sharding.replan`` (few moved
+left. ``PlanPlacer`` re-plans with ``edgemesh.sharding.planner.replan`` (few moved
 layers); when nothing fits it raises ``ModelUnavailableError`` (HTTP 503)
 carrying the planner's numbers.
 """
@@ -132,7 +132,7 @@ class PlanPlacer:
         """A re-plan over every ``alive`` profiled box, adopted only when its
         bottleneck beats the current plan's by ``margin`` (see ``REPLAN_MARGIN``);
         among plans within the planner's tolerance it moves the fewest layers."""
-        from edgemesh.sharding.replan import replan
+        from edgemesh.sharding.planner.replan import replan
 
         ids = frozenset(alive & self.profiled())
         if ids <= self._considered:
@@ -175,7 +175,7 @@ class PlanPlacer:
     def after_loss(self, alive: set[str]) -> list[StageSpec]:
         if all(st.box in alive for st in self.plan.stages):
             return self.specs(self.plan)
-        from edgemesh.sharding.replan import replan
+        from edgemesh.sharding.planner.replan import replan
 
         left = [p for p in self.profiles if _box_id(p) in alive]
         if not left:
@@ -217,7 +217,7 @@ def _link_ends(link: Any) -> set[str]:
 
 def checked_plan(doc: dict[str, Any], manifest: Any, boxes: set[str]) -> Any:
     """A given plan, refused when it is for another model or names absent boxes."""
-    from edgemesh.sharding.planner import Plan
+    from edgemesh.sharding.planner.plan import Plan
 
     placed = Plan.from_dict(doc)
     if placed.model != manifest.name or placed.num_layers != manifest.num_layers:

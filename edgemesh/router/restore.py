@@ -38,7 +38,7 @@ def _whole_copy(box: str, manifest_bytes: bytes, candidates: list[str]) -> str |
     import json
 
     from edgemesh.router.artifacts import _slug, default_cache_root, local_copy_ok, manifest_digest
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.package.manifest import Manifest
 
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
     cached = default_cache_root(box) / f"{_slug(manifest.name)}-{manifest_digest(manifest_bytes)}"

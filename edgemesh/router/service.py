@@ -35,7 +35,7 @@ def ray_running() -> bool:
 def local_package(record: dict[str, Any], manifest_bytes: bytes, box: str, source: Any) -> Path:
     """A folder on this box with the whole package (its own copy, or fetched)."""
     from edgemesh.router.artifacts import local_copy_ok
-    from edgemesh.sharding.manifest import Manifest
+    from edgemesh.sharding.package.manifest import Manifest
 
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
     everything = [a.path for a in manifest.artifacts]
@@ -115,9 +115,9 @@ def mesh_service(
 
     ``on_change(name, stages, plan)`` is called after the stages moved (a
     loss or a join), from the pipeline's recovery thread."""
-    from edgemesh.sharding.manifest import Manifest
-    from edgemesh.sharding.package import open_package
-    from edgemesh.sharding.planner import Plan
+    from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.planner.plan import Plan
 
     manifest_bytes = record["manifest"].encode()
     manifest = Manifest.from_dict(json.loads(manifest_bytes))

@@ -180,7 +180,7 @@ class StageWorker:
         source: Any = None,
     ) -> None:
         from edgemesh.backends import registry
-        from edgemesh.sharding.package import open_package
+        from edgemesh.sharding.package.folder import open_package
 
         self.spec = spec if isinstance(spec, StageSpec) else StageSpec.from_dict(spec)
         s = self.spec
@@ -211,8 +211,8 @@ class StageWorker:
         stage (wall clocks: meaningful where boxes keep NTP time)."""
 
     def _package(self, manifest_bytes: bytes, source: Any) -> tuple[Path, bool]:
-        from edgemesh.sharding.manifest import Manifest
-        from edgemesh.sharding.package import Package
+        from edgemesh.sharding.package.manifest import Manifest
+        from edgemesh.sharding.package.folder import Package
 
         s = self.spec
         manifest = Manifest.from_dict(json.loads(manifest_bytes))

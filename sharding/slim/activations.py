@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgemesh.errors import require
-from edgemesh.sharding.package import PROLOGUE, Package, piece_path
+from edgemesh.sharding.package.folder import PROLOGUE, Package, piece_path
 
 Sample = dict[str, np.ndarray]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import ModelNotFoundError, SlimInputError, require
-from edgemesh.sharding.package import Package, open_package
+from edgemesh.sharding.package.folder import Package, open_package
 from edgemesh.sharding.slim.record import SlimResult, finish
 from edgemesh.sharding.slim.text import heldout_text, load_calibration, windows
 from edgemesh.sharding.slim.torchsrc import export_package, save_hf
@@ -32,7 +32,7 @@ from edgemesh.sharding.slim.train import (
     package_teacher,
 )
 from edgemesh.sharding.slim.writer import Draft, check_out
-from edgemesh.sharding.sources import TOKENIZER_FILE, open_source
+from edgemesh.sharding.convert.sources import TOKENIZER_FILE, open_source
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _converted_teacher(
     it is the quality reference the student is measured against."""
     if (folder / "manifest.json").is_file():
         return open_package(folder)
-    from edgemesh.sharding.convert import ConvertOptions, convert
+    from edgemesh.sharding.convert.run import ConvertOptions, convert
 
     open_source(source)  # refuse an unsupported teacher before converting
     say(f"converting the teacher {source} once into {folder}")

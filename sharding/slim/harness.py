@@ -30,7 +30,7 @@ import numpy as np
 
 from edgemesh.backends.base import BackendOptions, SeqInput
 from edgemesh.errors import require
-from edgemesh.sharding.package import Package
+from edgemesh.sharding.package.folder import Package
 from edgemesh.sharding.slim.text import heldout_text
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.backends.base import BackendOptions
-from edgemesh.sharding.package import Package
+from edgemesh.sharding.package.folder import Package
 from edgemesh.sharding.slim.text import heldout_text
 
 log = logging.getLogger(__name__)

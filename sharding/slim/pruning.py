@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgemesh.errors import SlimInputError, require
-from edgemesh.sharding.package import open_package
+from edgemesh.sharding.package.folder import open_package
 from edgemesh.sharding.slim import prune
 from edgemesh.sharding.slim.record import SlimResult, finish
 from edgemesh.sharding.slim.text import load_calibration, windows

@@ -36,7 +36,7 @@ import sys
 from typing import Any
 
 from edgemesh.errors import SlimInputError, require
-from edgemesh.sharding.quantize import QUANT, SENSITIVE, to_precision
+from edgemesh.sharding.convert.quantize import QUANT, SENSITIVE, to_precision
 from edgemesh.sharding.slim.activations import Sample
 
 log = logging.getLogger(__name__)

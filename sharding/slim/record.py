@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgemesh.sharding.manifest import Manifest
-from edgemesh.sharding.package import Package, open_package
+from edgemesh.sharding.package.manifest import Manifest
+from edgemesh.sharding.package.folder import Package, open_package
 from edgemesh.sharding.slim.measure import Quality, measure, relative_loss
 from edgemesh.sharding.slim.text import Calibration
 from edgemesh.sharding.slim.writer import Draft
@@ -89,7 +89,7 @@ def finish(
         "calibration": calibration.to_dict() if calibration else None,
         "seconds": round(seconds, 1),
         "quality": {
-            "heldout": "sharding/data/perplexity.txt from 'On Learning a Craft' on",
+            "heldout": "sharding/convert/data/perplexity.txt from 'On Learning a Craft' on",
             "reference": reference.to_dict(),
             **{p: q.to_dict() for p, q in quality.items()},
         },

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgemesh.sharding.package import open_package
+from edgemesh.sharding.package.folder import open_package
 from edgemesh.sharding.slim.measure import Quality, measure
 
 

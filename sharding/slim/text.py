@@ -1,6 +1,6 @@
 """The bundled text, split once into a calibration part and a held-out part.
 
-``sharding/data/perplexity.txt`` is eight short essays. Every slimming
+``sharding/convert/data/perplexity.txt`` is eight short essays. Every slimming
 method calibrates (AWQ/GPTQ activations, pruning importance, recovery and
 distillation training) on the first five and every quality figure is
 measured on the last three, so no method is scored on text it has seen.
@@ -21,7 +21,7 @@ HELDOUT_FROM = "On Learning a Craft"
 
 
 def _bundled() -> str:
-    from edgemesh.sharding.convert import eval_text
+    from edgemesh.sharding.convert.run import eval_text
 
     return eval_text()
 

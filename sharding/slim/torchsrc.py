@@ -6,7 +6,7 @@ exported the way ``edgemesh convert`` exports any checkpoint: the slimmed
 (``convert.convert``), so its pieces, costs and manifest are made by the
 same code as every other package. The source is the checkpoint the package
 was converted from (``manifest.extra["source"]["path"]``: for the default
-model its GGUF, ``sharding/sources.py``), or one given with ``--source``.
+model its GGUF, ``sharding/convert/sources.py``), or one given with ``--source``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import ModelNotFoundError, require
-from edgemesh.sharding.manifest import Manifest
-from edgemesh.sharding.package import Package, open_package
-from edgemesh.sharding.sources import TOKENIZER_FILE, Source, open_source
+from edgemesh.sharding.package.manifest import Manifest
+from edgemesh.sharding.package.folder import Package, open_package
+from edgemesh.sharding.convert.sources import TOKENIZER_FILE, Source, open_source
 
 
 def source_of(pkg: Package, override: Path | str | None = None) -> Source:
@@ -65,8 +65,8 @@ def export_package(
 ) -> Manifest:
     """Convert ``hf_dir`` into ``out`` and give it ``like``'s tokenizer facts exactly
     (a GGUF source's end-of-turn ids are not in a saved HF tokenizer)."""
-    from edgemesh.sharding.convert import ConvertOptions, convert
-    from edgemesh.sharding.manifest import Artifact, sha256_file
+    from edgemesh.sharding.convert.run import ConvertOptions, convert
+    from edgemesh.sharding.package.manifest import Artifact, sha256_file
 
     convert(
         hf_dir,

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgemesh.errors import SlimInputError
-from edgemesh.sharding.package import open_package, piece_path
+from edgemesh.sharding.package.folder import open_package, piece_path
 from edgemesh.sharding.slim import quant
 from edgemesh.sharding.slim.activations import LayerFeeder, load_piece
 from edgemesh.sharding.slim.record import SlimResult, finish

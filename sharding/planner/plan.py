@@ -21,11 +21,11 @@ import numpy as np
 
 from edgemesh.backends.base import PRECISIONS, LayerRange
 from edgemesh.errors import PlanError
-from edgemesh.sharding.baselines import Baseline, evaluate_baselines
-from edgemesh.sharding.boxes import BoxProfile, Link, as_boxes, as_links
-from edgemesh.sharding.costs import INF, CostModel, PlanOptions
-from edgemesh.sharding.manifest import Manifest
-from edgemesh.sharding.solver import Chain, solve
+from edgemesh.sharding.planner.baselines import Baseline, evaluate_baselines
+from edgemesh.sharding.planner.boxes import BoxProfile, Link, as_boxes, as_links
+from edgemesh.sharding.planner.costs import INF, CostModel, PlanOptions
+from edgemesh.sharding.package.manifest import Manifest
+from edgemesh.sharding.planner.solver import Chain, solve
 
 TIE = 1e-12
 """Relative slack when a pass must stay within a figure the previous pass found."""
@@ -257,7 +257,7 @@ def optimize(
     first, summed time second. The latency objective's re-plan lives in
     ``replan.py``.
     """
-    from edgemesh.sharding.explain import diagnose_infeasible
+    from edgemesh.sharding.planner.explain import diagnose_infeasible
 
     order = model.by_memory()
     if model.options.objective == "latency":
@@ -286,7 +286,7 @@ def assemble(
     moved: list[np.ndarray] | None = None,
 ) -> Plan:
     """Turn a solved chain into a Plan: options, accuracy upgrades, reasons, baselines."""
-    from edgemesh.sharding.explain import left_out_reason
+    from edgemesh.sharding.planner.explain import left_out_reason
 
     n = len(model.boxes)
     picks = []

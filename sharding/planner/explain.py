@@ -10,8 +10,8 @@ import numpy as np
 from edgemesh.errors import InfeasiblePlanError
 
 if TYPE_CHECKING:
-    from edgemesh.sharding.costs import CostModel, Option
-    from edgemesh.sharding.planner import Plan
+    from edgemesh.sharding.planner.costs import CostModel, Option
+    from edgemesh.sharding.planner.plan import Plan
 
 HINT = "add a box, lower --context or --sequences, or allow more quantisation (--max-accuracy-loss)"
 
@@ -149,7 +149,7 @@ def diagnose_infeasible(model: CostModel) -> InfeasiblePlanError:
 
 
 def _weight(cost, precision: str) -> int:
-    from edgemesh.sharding.costs import weight_at
+    from edgemesh.sharding.planner.costs import weight_at
 
     return weight_at(cost, precision)
 

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from edgemesh.errors import PlanError
-from edgemesh.sharding.boxes import BoxProfile, Link, as_boxes, as_links
-from edgemesh.sharding.costs import CostModel, PlanOptions
-from edgemesh.sharding.manifest import Manifest
-from edgemesh.sharding.planner import Plan, assemble, optimize, score_tables
-from edgemesh.sharding.solver import solve
+from edgemesh.sharding.planner.boxes import BoxProfile, Link, as_boxes, as_links
+from edgemesh.sharding.planner.costs import CostModel, PlanOptions
+from edgemesh.sharding.package.manifest import Manifest
+from edgemesh.sharding.planner.plan import Plan, assemble, optimize, score_tables
+from edgemesh.sharding.planner.solver import solve
 
 BISECTION_STEPS = 40
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import InfeasiblePlanError
-from edgemesh.sharding.manifest import LayerCost, Manifest, TokenizerInfo
+from edgemesh.sharding.package.manifest import LayerCost, Manifest, TokenizerInfo
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0625, "int4": 0.5625}
 """int8/int4 carry one fp16 scale per group of 32 weights."""
@@ -251,8 +251,8 @@ def scenario_report(options: Any = None) -> list[dict[str, Any]]:
     ``speedup_*`` is baseline bottleneck / plan bottleneck (None when the
     baseline does not fit); ``error`` is set when the model fits nowhere.
     """
-    from edgemesh.sharding.boxes import parse_boxes
-    from edgemesh.sharding.planner import plan
+    from edgemesh.sharding.planner.boxes import parse_boxes
+    from edgemesh.sharding.planner.plan import plan
 
     rows = []
     for s in SCENARIOS.values():

@@ -10,7 +10,7 @@ the manifest.
 Costs in the manifest come from the exported graphs themselves: weight
 bytes are the sizes of each piece's files at each precision, FLOPs are
 2 x the multiply-adds of its MatMuls. Accuracy is the perplexity of each
-precision on ``sharding/data/perplexity.txt`` relative to fp32, taken in
+precision on ``sharding/convert/data/perplexity.txt`` relative to fp32, taken in
 windows of the model's context when the text is longer (``perplexity_windows``).
 
 The quality step never costs the export: the package is written (manifest
@@ -35,24 +35,24 @@ from typing import Any
 
 from edgemesh.backends.base import BackendOptions
 from edgemesh.errors import ConfigError, require
-from edgemesh.sharding import export
-from edgemesh.sharding.architectures import ArchSpec
-from edgemesh.sharding.manifest import (
+from edgemesh.sharding.convert import export
+from edgemesh.sharding.convert.architectures import ArchSpec
+from edgemesh.sharding.package.manifest import (
     Artifact,
     LayerCost,
     Manifest,
     TokenizerInfo,
     sha256_file,
 )
-from edgemesh.sharding.package import PROLOGUE, open_package, piece_path, write_piece
-from edgemesh.sharding.quantize import (
+from edgemesh.sharding.package.folder import PROLOGUE, open_package, piece_path, write_piece
+from edgemesh.sharding.convert.quantize import (
     PRECISIONS,
     QUANT,
     check_precision,
     embedding_model,
     to_precision,
 )
-from edgemesh.sharding.sources import Source, open_source
+from edgemesh.sharding.convert.sources import Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ConvertReport:
     perplexity: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        from edgemesh.sharding.costs import unmeasured_note
+        from edgemesh.sharding.planner.costs import unmeasured_note
 
         m = self.manifest
         return {
@@ -101,7 +101,7 @@ class ConvertReport:
 
 
 def eval_text() -> str:
-    return resources.files("edgemesh.sharding").joinpath("data/perplexity.txt").read_text("utf-8")
+    return resources.files("edgemesh.sharding.convert").joinpath("data/perplexity.txt").read_text("utf-8")
 
 
 def _peak_rss() -> int:
@@ -205,7 +205,7 @@ def convert(
         extra={**manifest.extra, "perplexity": quality.to_dict()},
     )
     if quality.unmeasured(precisions):
-        from edgemesh.sharding.costs import unmeasured_note
+        from edgemesh.sharding.planner.costs import unmeasured_note
 
         say(unmeasured_note(manifest) or f"accuracy not measured: {quality.reason}")
     ppl = dict(quality.values)
@@ -316,7 +316,7 @@ class Quality:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "text": "sharding/data/perplexity.txt",
+            "text": "sharding/convert/data/perplexity.txt",
             "measured": bool(self.values) and not self.failed and self.reason is None,
             "reason": self.reason,
             "tokens": self.tokens,

@@ -42,9 +42,9 @@ import numpy as np
 
 from edgemesh.backends.base import PRECISIONS
 from edgemesh.errors import ConfigError
-from edgemesh.sharding.boxes import BoxProfile, ComputeRate, Link, index_links, resolve_link
-from edgemesh.sharding.calibration import Calibration, StageTiming
-from edgemesh.sharding.manifest import LayerCost, Manifest
+from edgemesh.sharding.planner.boxes import BoxProfile, ComputeRate, Link, index_links, resolve_link
+from edgemesh.sharding.planner.calibration import Calibration, StageTiming
+from edgemesh.sharding.package.manifest import LayerCost, Manifest
 
 OBJECTIVES = ("throughput", "latency")
 RUNTIME_OVERHEAD_BYTES = 150_000_000
@@ -144,10 +144,15 @@ def unmeasured_note(manifest: Manifest, max_loss: float | None = None) -> str | 
     if not missing or max_loss == INF:
         return None
     why = (manifest.extra.get("perplexity") or {}).get("reason") or "no measurement recorded"
-    allowed = [p for p in UNMEASURED_ALLOWED if all(p in lc.weight_bytes for lc in manifest.layers)]
+    budget = PlanOptions.max_accuracy_loss if max_loss is None else max_loss
+    allowed = [
+        p
+        for p in PRECISIONS
+        if p not in missing and precision_refusal(manifest, p, budget) is None
+    ]
     return (
         f"accuracy not measured for {', '.join(missing)} ({why}): the planner uses only "
-        f"{'/'.join(allowed) or 'measured precisions'} for '{manifest.name}'; "
+        f"{'/'.join(allowed) or 'no precision'} for '{manifest.name}'; "
         "--max-accuracy-loss inf allows the unmeasured ones"
     )
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from edgemesh.backends.base import PRECISIONS
 from edgemesh.errors import ConfigError
-from edgemesh.sharding.calibration import Calibration, parse_calibrations
+from edgemesh.sharding.planner.calibration import Calibration, parse_calibrations
 
 DEFAULT_LINK_GBPS = 1.0
 """A link nobody measured is taken to be gigabit Ethernet..."""

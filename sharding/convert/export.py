@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import UnsupportedModelError, require
-from edgemesh.sharding.architectures import ArchSpec
+from edgemesh.sharding.convert.architectures import ArchSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgemesh.sharding.costs import INF
-from edgemesh.sharding.explain import fmt_bytes
+from edgemesh.sharding.planner.costs import INF
+from edgemesh.sharding.planner.explain import fmt_bytes
 
 if TYPE_CHECKING:
-    from edgemesh.sharding.costs import CostModel
+    from edgemesh.sharding.planner.costs import CostModel
 
 NAMES = ("memory_proportional", "equal")
 

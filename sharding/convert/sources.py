@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import CorruptArtifactError, ModelNotFoundError, require
-from edgemesh.sharding.architectures import ArchSpec, spec_from_config
+from edgemesh.sharding.convert.architectures import ArchSpec, spec_from_config
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from typing import Any
 
 from edgemesh import paths
 from edgemesh.errors import ConfigError, CorruptArtifactError, ModelNotFoundError, require
-from edgemesh.sharding.manifest import Manifest, verify_artifact
-from edgemesh.sharding.range_cache import RANGE_CACHE_BYTES, mark_used, prune
+from edgemesh.sharding.package.manifest import Manifest, verify_artifact
+from edgemesh.sharding.package.range_cache import RANGE_CACHE_BYTES, mark_used, prune
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Package:
     def tokenizer(self) -> Any:
         """The package's tokenizer (verified), with the family's chat turn format as fallback."""
         from edgemesh.chat_templates import fallback_for
-        from edgemesh.sharding.tokenizer import HFTokenizer
+        from edgemesh.sharding.package.tokenizer import HFTokenizer
 
         info = self.manifest.tokenizer
         if info.file is None:

@@ -1,0 +1,1 @@
+"""``edgemesh convert``: a checkpoint read, exported piece by piece, quantised and measured."""

@@ -1,0 +1,1 @@
+"""The partitioner: box profiles, the cost model, the solver, its baselines and its words."""
