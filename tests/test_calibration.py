@@ -17,10 +17,10 @@ from edgemesh.fingerprint.calibrate import (
     calibrate,
     run_calibration,
 )
+from edgemesh.sharding.package.manifest import Artifact
 from edgemesh.sharding.planner.boxes import BoxProfile
 from edgemesh.sharding.planner.calibration import Calibration, StageTiming
 from edgemesh.sharding.planner.costs import CostModel, PlanOptions
-from edgemesh.sharding.package.manifest import Artifact
 from edgemesh.sharding.planner.plan import plan
 from edgemesh.sharding.planner.scenarios import synthetic_manifest
 from tests.fixtures.tiny_models import shared_tiny_package

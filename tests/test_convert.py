@@ -9,9 +9,9 @@ import pytest
 
 from edgemesh.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from edgemesh.sharding.convert.architectures import spec_from_config
-from edgemesh.sharding.package.manifest import Manifest, sha256_file
-from edgemesh.sharding.package.folder import open_package
 from edgemesh.sharding.package.blocks import blockwise, dequantize
+from edgemesh.sharding.package.folder import open_package
+from edgemesh.sharding.package.manifest import Manifest, sha256_file
 from tests.fixtures.tiny_models import shared_tiny_package
 
 # -- architectures -------------------------------------------------------------

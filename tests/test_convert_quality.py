@@ -133,8 +133,8 @@ def unmeasured(tmp_path_factory, app) -> tuple[Path, str]:
 
 
 def test_a_tokenizer_that_cannot_represent_the_text_still_yields_a_package(unmeasured) -> None:
-    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.package.manifest import Manifest
 
     root, output = unmeasured
     manifest = Manifest.load(root / "pkg")
@@ -178,8 +178,8 @@ def test_the_planner_allows_only_fp32_fp16_for_it_unless_the_budget_is_unbounded
     assert {s["precision"] for s in json.loads(unbounded.stdout)["stages"]} & {"int8", "int4"}
     assert "not measured" not in unbounded.stderr
 
-    from edgemesh.sharding.planner.costs import precision_refusal
     from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.costs import precision_refusal
 
     manifest = Manifest.load(root / "pkg")
     assert "accuracy not measured" in (precision_refusal(manifest, "int8", 10.0) or "")

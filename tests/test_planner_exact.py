@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from edgemesh.errors import InfeasiblePlanError
+from edgemesh.sharding.package.manifest import LayerCost, Manifest
 from edgemesh.sharding.planner.boxes import BoxProfile, Link, parse_boxes
 from edgemesh.sharding.planner.costs import CostModel, PlanOptions
-from edgemesh.sharding.package.manifest import LayerCost, Manifest
 from edgemesh.sharding.planner.plan import plan
 from edgemesh.sharding.planner.scenarios import MODELS, SCENARIOS, synthetic_manifest
 from edgemesh.sharding.planner.solver import solve_exact, solve_ordered

@@ -14,7 +14,13 @@ from edgemesh.sharding.planner.boxes import parse_boxes
 from edgemesh.sharding.planner.costs import CostModel, PlanOptions
 from edgemesh.sharding.planner.plan import Plan, plan
 from edgemesh.sharding.planner.replan import replan
-from edgemesh.sharding.planner.scenarios import MODELS, SCENARIOS, gemma_270m_like, llm_7b_like, orin
+from edgemesh.sharding.planner.scenarios import (
+    MODELS,
+    SCENARIOS,
+    gemma_270m_like,
+    llm_7b_like,
+    orin,
+)
 from tests.test_planner_exact import all_plans, random_case
 
 

@@ -153,8 +153,8 @@ def test_artifacts_are_fetched_verified_and_cached(package: Path, tmp_path: Path
 
 def test_no_room_after_a_loss_is_a_503(package: Path) -> None:
     from edgemesh.gateway.errors import edgemesh_response
-    from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.planner.plan import plan
 
     manifest = Manifest.load(package)
@@ -248,10 +248,10 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
     import httpx
 
     from edgemesh.router.deploy import NAMESPACE, SOURCE_PREFIX, deploy, status_extras
-    from edgemesh.sharding.planner.costs import PlanOptions
-    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.planner.costs import PlanOptions
     from tests.conftest import free_port
 
     ray = ray_node
@@ -316,8 +316,8 @@ def test_a_joining_box_is_used_only_when_the_plan_improves_by_the_margin(package
     back the placer moves to three stages, because the bottleneck improves by
     more than the margin. An unchanged mesh, or a gain under the margin, stays."""
     from edgemesh.router.placement import REPLAN_MARGIN
-    from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.planner.plan import plan
 
     manifest = Manifest.load(package)

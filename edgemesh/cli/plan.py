@@ -51,10 +51,10 @@ def command(
 ) -> None:
     """Split a model's layers over boxes and predict tokens/s (exit 1 if it cannot fit)."""
     from edgemesh.errors import ConfigError
+    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.planner.boxes import BoxProfile, load_boxes
     from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.planner.explain import render_plan
-    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.planner.plan import plan, whole_model_backends
 
     with user_errors():

@@ -40,9 +40,9 @@ import numpy as np
 
 from edgemesh.backends.base import Backend, SeqInput
 from edgemesh.errors import BackendError, ConfigError, EdgemeshError, FingerprintError
-from edgemesh.sharding.planner.calibration import Calibration, StageTiming
-from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.package.folder import Package
+from edgemesh.sharding.package.manifest import Manifest
+from edgemesh.sharding.planner.calibration import Calibration, StageTiming
 
 log = logging.getLogger(__name__)
 

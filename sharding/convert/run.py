@@ -37,14 +37,6 @@ from edgemesh.backends.base import BackendOptions
 from edgemesh.errors import ConfigError, require
 from edgemesh.sharding.convert import export
 from edgemesh.sharding.convert.architectures import ArchSpec
-from edgemesh.sharding.package.manifest import (
-    Artifact,
-    LayerCost,
-    Manifest,
-    TokenizerInfo,
-    sha256_file,
-)
-from edgemesh.sharding.package.folder import PROLOGUE, open_package, piece_path, write_piece
 from edgemesh.sharding.convert.quantize import (
     PRECISIONS,
     QUANT,
@@ -53,6 +45,14 @@ from edgemesh.sharding.convert.quantize import (
     to_precision,
 )
 from edgemesh.sharding.convert.sources import Source, open_source
+from edgemesh.sharding.package.folder import PROLOGUE, open_package, piece_path, write_piece
+from edgemesh.sharding.package.manifest import (
+    Artifact,
+    LayerCost,
+    Manifest,
+    TokenizerInfo,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class ConvertReport:
 
 
 def eval_text() -> str:
-    return resources.files("edgemesh.sharding.convert").joinpath("data/perplexity.txt").read_text("utf-8")
+    text = resources.files("edgemesh.sharding.convert").joinpath("data/perplexity.txt")
+    return text.read_text("utf-8")
 
 
 def _peak_rss() -> int:

@@ -42,9 +42,9 @@ import numpy as np
 
 from edgemesh.backends.base import PRECISIONS
 from edgemesh.errors import ConfigError
+from edgemesh.sharding.package.manifest import LayerCost, Manifest
 from edgemesh.sharding.planner.boxes import BoxProfile, ComputeRate, Link, index_links, resolve_link
 from edgemesh.sharding.planner.calibration import Calibration, StageTiming
-from edgemesh.sharding.package.manifest import LayerCost, Manifest
 
 OBJECTIVES = ("throughput", "latency")
 RUNTIME_OVERHEAD_BYTES = 150_000_000

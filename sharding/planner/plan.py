@@ -21,10 +21,10 @@ import numpy as np
 
 from edgemesh.backends.base import PRECISIONS, LayerRange
 from edgemesh.errors import PlanError
+from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.planner.baselines import Baseline, evaluate_baselines
 from edgemesh.sharding.planner.boxes import BoxProfile, Link, as_boxes, as_links
 from edgemesh.sharding.planner.costs import INF, CostModel, PlanOptions
-from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.planner.solver import Chain, solve
 
 TIE = 1e-12

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from edgemesh.errors import PlanError
+from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.planner.boxes import BoxProfile, Link, as_boxes, as_links
 from edgemesh.sharding.planner.costs import CostModel, PlanOptions
-from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.planner.plan import Plan, assemble, optimize, score_tables
 from edgemesh.sharding.planner.solver import solve
 

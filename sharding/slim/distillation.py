@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import ModelNotFoundError, SlimInputError, require
+from edgemesh.sharding.convert.sources import TOKENIZER_FILE, open_source
 from edgemesh.sharding.package.folder import Package, open_package
 from edgemesh.sharding.slim.record import SlimResult, finish
 from edgemesh.sharding.slim.text import heldout_text, load_calibration, windows
@@ -32,7 +33,6 @@ from edgemesh.sharding.slim.train import (
     package_teacher,
 )
 from edgemesh.sharding.slim.writer import Draft, check_out
-from edgemesh.sharding.convert.sources import TOKENIZER_FILE, open_source
 
 log = logging.getLogger(__name__)
 

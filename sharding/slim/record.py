@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.package.folder import Package, open_package
+from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.slim.measure import Quality, measure, relative_loss
 from edgemesh.sharding.slim.text import Calibration
 from edgemesh.sharding.slim.writer import Draft

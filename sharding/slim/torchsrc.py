@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh.errors import ModelNotFoundError, require
-from edgemesh.sharding.package.manifest import Manifest
-from edgemesh.sharding.package.folder import Package, open_package
 from edgemesh.sharding.convert.sources import TOKENIZER_FILE, Source, open_source
+from edgemesh.sharding.package.folder import Package, open_package
+from edgemesh.sharding.package.manifest import Manifest
 
 
 def source_of(pkg: Package, override: Path | str | None = None) -> Source:

@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any
 
 from edgemesh.errors import ConfigError
-from edgemesh.sharding.package.manifest import Artifact, Manifest, sha256_file
 from edgemesh.sharding.package.folder import write_piece
+from edgemesh.sharding.package.manifest import Artifact, Manifest, sha256_file
 
 
 def check_out(out: Path, overwrite: bool) -> Path:
