@@ -142,6 +142,9 @@ class SeqInput:
     tokens: np.ndarray | None = None  # int64 [S]
     hidden: np.ndarray | None = None  # float32/float16 [S, H]
     logits: str = "last"  # "last" -> [1, V]; "all" -> [S, V] (last shard only)
+    # "pooled": a stateless pass from start_pos 0 (embeddings): no KV cache kept,
+    # no slot taken; the last shard returns the final-norm hidden states
+    # mean-pooled over the S tokens [1, H], the others hidden states [S, H].
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.hidden is None):

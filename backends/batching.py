@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgemesh.backends.base import Backend, BackendOptions, SeqInput, ShardSpec
-from edgemesh.errors import ConfigError, ContextOverflowError, InferenceError
+from edgemesh.errors import ConfigError, ContextOverflowError, InferenceError, RequestError
 
 KV = Any
 """A runtime's KV tensor ``[B, KV, T, D]`` float32 (OrtValue, ov.Tensor, torch CUDA tensor)."""
@@ -78,6 +78,10 @@ class RangeGraphBackend(Backend):
     label: ClassVar[str]
     max_new_tokens: ClassVar[int | None] = None
     """Longest S one graph run may take (a compiled profile's limit); prompts are cut."""
+    can_pool: bool = False
+    """The last range's graph has ``hidden_norm`` (``SeqInput.logits == "pooled"``
+    works); a subclass sets it once its graph is loaded. Non-last ranges pool
+    nothing themselves: a pooled pass only runs through them."""
 
     def __init__(self, shard: ShardSpec, options: BackendOptions | None = None) -> None:
         super().__init__(shard, options)
@@ -92,12 +96,14 @@ class RangeGraphBackend(Backend):
 
     @abstractmethod
     def _run_graph(
-        self, feeds: dict[str, np.ndarray], past: list[KV]
+        self, feeds: dict[str, np.ndarray], past: list[KV], main: str | None = None
     ) -> tuple[np.ndarray, list[KV]]:
         """Run the range graph once: host ``feeds`` (every input but the KV) and
         the ``past`` tensors, in layer order (key, value). Returns the main
         output on the host (``[B, S, H]`` hidden or ``[B, K, V]`` logits,
-        float32) and the ``present`` tensors, kept on the runtime's device."""
+        float32; ``main`` names another output to return instead, asked only
+        where ``can_pool``: ``hidden_norm``) and the ``present`` tensors, kept
+        on the runtime's device."""
 
     @abstractmethod
     def _kv_host(self, kv: KV) -> np.ndarray:
@@ -129,6 +135,9 @@ class RangeGraphBackend(Backend):
             out: list[np.ndarray | None] = [None] * len(batch)
             decode = []
             for i, item in enumerate(batch):
+                if item.logits == "pooled":
+                    out[i] = self._pooled(item)
+                    continue
                 seq = self._seqs.setdefault(item.seq_id, _Seq())
                 if item.start_pos < seq.length:
                     # A replay: keep the first start_pos cached tokens.
@@ -237,6 +246,20 @@ class RangeGraphBackend(Backend):
                         f"hidden states of shape {item.hidden.shape}; layers {layers} "
                         f"take [{n}, {self.hidden_size}]"
                     )
+            if item.logits == "pooled":
+                if item.start_pos:
+                    raise InferenceError(
+                        f"a pooled pass starts at position 0, not {item.start_pos}"
+                    )
+                if self._last and not self.can_pool:
+                    raise RequestError(
+                        f"this package's graph of layers {layers} has no hidden_norm output "
+                        "(converted before edgemesh exported it), so it serves no embeddings; "
+                        "re-convert it with `edgemesh convert`",
+                        param="model",
+                        code="embeddings_unsupported",
+                    )
+                continue  # stateless: no cache to check, no slot taken
             seq = self._seqs.get(item.seq_id)
             cached = 0 if seq is None else seq.length
             if item.start_pos > cached:
@@ -267,9 +290,11 @@ class RangeGraphBackend(Backend):
             hidden[r] = item.hidden
         return {"hidden_in": hidden}
 
-    def _run(self, feeds: dict[str, np.ndarray], past: list[KV], where: str) -> tuple:
+    def _run(
+        self, feeds: dict[str, np.ndarray], past: list[KV], where: str, main: str | None = None
+    ) -> tuple:
         try:
-            out = self._run_graph(feeds, past)
+            out = self._run_graph(feeds, past, main) if main else self._run_graph(feeds, past)
         except InferenceError:
             raise
         except Exception as exc:  # each runtime raises its own exception types
@@ -307,6 +332,39 @@ class RangeGraphBackend(Backend):
         if self._last and item.logits != "all":
             return np.ascontiguousarray(outs[-1], dtype=np.float32)  # [1, V]
         return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)  # [S, H] or [S, V]
+
+    # -- pooled passes: embeddings, no state ---------------------------------------
+
+    def _pooled(self, item: SeqInput) -> np.ndarray:
+        """Run ``item`` from an empty past and keep nothing: the last range returns
+        the mean over its rows of the final norm's output ``[1, H]`` (chunks of
+        ``max_new_tokens`` summed, so the mean is over all S), the others their
+        hidden states ``[S, H]`` for the next range."""
+        data = item.tokens if self._first else item.hidden
+        assert data is not None
+        past = [self._kv_empty(1) for _ in range(2 * len(self._layers))]
+        step = self.max_new_tokens or item.length
+        total = np.zeros(self.hidden_size, np.float64)  # [H]
+        outs = []
+        for begin in range(0, item.length, step):
+            part = data[begin : begin + step]
+            n = int(part.shape[0])
+            piece = SeqInput(item.seq_id, begin, tokens=part) if self._first else (
+                SeqInput(item.seq_id, begin, hidden=part))  # fmt: skip
+            feeds = self._data([piece], 1)
+            feeds["position_ids"] = np.arange(begin, begin + n, dtype=np.int64)[None]
+            feeds["key_position"] = np.arange(begin + n, dtype=np.int64)[None]
+            where = f"pooling at position {begin}"
+            if self._last:
+                feeds["logit_index"] = np.array([n - 1], np.int64)  # one row: the head is unused
+                main, past = self._run(feeds, past, where, main="hidden_norm")  # [1, n, H]
+                total += main[0].sum(axis=0, dtype=np.float64)
+            else:
+                main, past = self._run(feeds, past, where)  # [1, n, H]
+                outs.append(main[0])
+        if self._last:
+            return (total / item.length).astype(np.float32)[None]  # [1, H]
+        return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)  # [S, H]
 
     # -- decode rows: one padded batch ------------------------------------------
 

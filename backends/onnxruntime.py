@@ -115,7 +115,11 @@ class OnnxRuntimeBackend(RangeGraphBackend):
         self._io_binding = io_binding
         package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop
-        path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
+        # The last range also exposes hidden_norm (embeddings); fetched only when asked.
+        extra = ("hidden_norm",) if self._last else ()
+        path = package.range_graph(
+            start, stop, shard.precision, self.options.cache_dir, outputs=extra
+        )
         providers = select_providers(ort, self.options.device)
         so = ort.SessionOptions()
         if self.options.threads:
@@ -146,7 +150,9 @@ class OnnxRuntimeBackend(RangeGraphBackend):
         self._device_id = (
             int(providers[0][1]["device_id"]) if isinstance(providers[0], tuple) else 0
         )
-        self._out_names = [o.name for o in self._session.get_outputs()]
+        names = [o.name for o in self._session.get_outputs()]
+        self.can_pool = "hidden_norm" in names
+        self._out_names = [n for n in names if n != "hidden_norm"]  # main, then presents
         log.info(
             "onnxruntime: layers %s at %s on %s (%s)",
             shard.layers,
@@ -178,10 +184,10 @@ class OnnxRuntimeBackend(RangeGraphBackend):
         )
 
     def _run_graph(
-        self, feeds: dict[str, np.ndarray], past: list[Any]
+        self, feeds: dict[str, np.ndarray], past: list[Any], main: str | None = None
     ) -> tuple[np.ndarray, list[Any]]:
         if not self._io_binding:
-            return self._run_plain(feeds, past)
+            return self._run_plain(feeds, past, main)
         binding = self._session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
@@ -190,7 +196,7 @@ class OnnxRuntimeBackend(RangeGraphBackend):
             binding.bind_ortvalue_input(f"past_value.{layer}", past[2 * j + 1])
         # The main output comes back to the host; presents stay on the device
         # and become the next call's pasts.
-        binding.bind_output(self._out_names[0], "cpu")
+        binding.bind_output(main or self._out_names[0], "cpu")
         for name in self._out_names[1:]:
             binding.bind_output(name, self._device, self._device_id)
         self._session.run_with_iobinding(binding)
@@ -198,14 +204,14 @@ class OnnxRuntimeBackend(RangeGraphBackend):
         return values[0].numpy(), list(values[1:])  # [B, S|K, H|V]
 
     def _run_plain(
-        self, feeds: dict[str, np.ndarray], past: list[Any]
+        self, feeds: dict[str, np.ndarray], past: list[Any], main: str | None = None
     ) -> tuple[np.ndarray, list[Any]]:
         """The unbound path (numpy in, numpy out), kept to measure the bound one against."""
         feeds = dict(feeds)
         for j, layer in enumerate(self._layers):
             feeds[f"past_key.{layer}"] = past[2 * j].numpy()
             feeds[f"past_value.{layer}"] = past[2 * j + 1].numpy()
-        values = self._session.run(self._out_names, feeds)
+        values = self._session.run([main or self._out_names[0], *self._out_names[1:]], feeds)
         return values[0], [self._kv_device(v) for v in values[1:]]
 
 

@@ -143,7 +143,11 @@ class OpenVinoBackend(RangeGraphBackend):
         self._ov = ov
         package = self._open_range()
         start, stop = shard.layers.start, shard.layers.stop
-        path = package.range_graph(start, stop, shard.precision, self.options.cache_dir)
+        # The last range also exposes hidden_norm (embeddings); read only when asked.
+        extra = ("hidden_norm",) if self._last else ()
+        path = package.range_graph(
+            start, stop, shard.precision, self.options.cache_dir, outputs=extra
+        )
         core = ov.Core()
         self.device = select_device(core, self.options.device)
         cache = Path(self.options.cache_dir or default_cache_dir()) / "openvino"
@@ -164,6 +168,7 @@ class OpenVinoBackend(RangeGraphBackend):
                 f"'{package.manifest.name}' for {self.device}: {exc}"
             ) from exc
         self._main_out = "logits" if self._last else "hidden_out"
+        self.can_pool = any("hidden_norm" in o.get_names() for o in self._compiled.outputs)
         log.info(
             "openvino: layers %s at %s on %s (%s)",
             shard.layers,
@@ -210,7 +215,7 @@ class OpenVinoBackend(RangeGraphBackend):
         return ov.Tensor(ov.Type.f32, ov.Shape([batch, self._kv_heads, tokens, self._head_dim]))
 
     def _run_graph(
-        self, feeds: dict[str, np.ndarray], past: list[Any]
+        self, feeds: dict[str, np.ndarray], past: list[Any], main: str | None = None
     ) -> tuple[np.ndarray, list[Any]]:
         ov = self._ov
         req = self._request
@@ -230,8 +235,8 @@ class OpenVinoBackend(RangeGraphBackend):
                 req.set_tensor(f"{kind}.{layer}", self._kv_empty(batch, total))
                 presents.append(f"{kind}.{layer}")
         req.infer()
-        main = req.get_tensor(self._main_out).data.copy()  # [B, S|K, H|V]
-        return main, [req.get_tensor(name) for name in presents]
+        out = req.get_tensor(main or self._main_out).data.copy()  # [B, S|K, H|V]
+        return out, [req.get_tensor(name) for name in presents]
 
 
 BACKEND = OpenVinoBackend

@@ -85,8 +85,8 @@ def weight_only_graph(src: Path, dst: Path) -> Path:
     onnx = require("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper, version_converter
 
-    from edgemesh.sharding.package.folder import write_piece
     from edgemesh.sharding.package.blocks import dequantize
+    from edgemesh.sharding.package.folder import write_piece
 
     model = onnx.load(str(src))  # loads the external weights too
     # Lift the standard ops to opset 21 (block-wise DequantizeLinear lives
@@ -338,8 +338,10 @@ class TensorRtBackend(RangeGraphBackend):
         return self._torch.empty(shape, dtype=self._torch.float32, device=self._device)
 
     def _run_graph(
-        self, feeds: dict[str, np.ndarray], past: list[Any]
+        self, feeds: dict[str, np.ndarray], past: list[Any], main: str | None = None
     ) -> tuple[np.ndarray, list[Any]]:
+        if main is not None:  # never asked: can_pool stays False (no hidden_norm here)
+            raise InferenceError(f"the TensorRT engine has no '{main}' output")
         # Everything (copies in, the engine, allocations) is queued on one stream,
         # so no cross-stream synchronisation is needed until the final host copy.
         with self._torch.cuda.stream(self._stream):

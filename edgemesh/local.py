@@ -15,9 +15,9 @@ from typing import Any
 
 from edgemesh.backends.base import BackendOptions, LayerRange, ShardSpec
 from edgemesh.chat_templates import fallback_for
-from edgemesh.engine import Engine, EngineConfig
 from edgemesh.errors import ConfigError
-from edgemesh.gateway.service import ModelService
+from edgemesh.gateway.service import ModelService, serve_pipeline
+from edgemesh.limits import DEFAULT_LIMITS, ServingLimits
 from edgemesh.models import ModelSource
 from edgemesh.pipeline import LocalPipeline
 
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LocalOptions:
-    threads: int | None = None
-    context_length: int = 4096
-    max_sequences: int = 8
-    max_queue: int = 32
+    """How ``edgemesh serve`` opens a model on this box."""
+
+    limits: ServingLimits = DEFAULT_LIMITS
+    """Context, sequence slots, queue, prefill, threads: capped by the model's context."""
     backend: str | None = None
     precision: str | None = None
     chat_template: Path | None = None
@@ -64,24 +64,12 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
         tokenizer.chat_template = fallback_for(tokenizer.architecture)
     layers = gguf_layer_count(source.path)
     shard = ShardSpec(source.path, LayerRange(0, layers), layers, precision="int4")
-    backend = backend_cls(
-        shard,
-        BackendOptions(
-            threads=options.threads,
-            context_length=options.context_length,
-            max_sequences=options.max_sequences,
-        ),
+    backend = backend_cls(shard, BackendOptions.for_limits(options.limits))
+    # the backend caps the context at what the model was trained for
+    limits = options.limits.replace(
+        context_length=getattr(backend, "context_length", options.limits.context_length)
     )
-    context = getattr(backend, "context_length", options.context_length)
-    engine = Engine(
-        LocalPipeline([backend]),
-        tokenizer,
-        EngineConfig(
-            context_length=context,
-            max_sequences=options.max_sequences,
-            max_queue=options.max_queue,
-        ),
-    )
+    context = limits.context_length
     info = {
         "backend": backend_cls.name,
         "path": str(source.path),
@@ -91,10 +79,15 @@ def load_service(source: ModelSource, options: LocalOptions | None = None) -> Mo
     from edgemesh.gateway.embeddings import GgufEmbedder
 
     def embedder() -> GgufEmbedder:
-        return GgufEmbedder(source.path, threads=options.threads, context_length=context)
+        return GgufEmbedder(source.path, threads=limits.threads, context_length=context)
 
-    return ModelService(
-        name=source.name, engine=engine, tokenizer=tokenizer, info=info, embedder_factory=embedder
+    return serve_pipeline(
+        source.name,
+        LocalPipeline([backend]),
+        tokenizer,
+        limits,
+        info=info,
+        embedder_factory=embedder,
     )
 
 
@@ -111,15 +104,14 @@ def load_package_service(source: ModelSource, options: LocalOptions) -> ModelSer
         manifest, backend=options.backend, precision=options.precision
     )
     log.info("%s: %s/%s (%s)", manifest.name, backend, precision, why)
-    context = min(options.context_length, manifest.context_length)
+    limits = options.limits.capped(context_length=manifest.context_length)
+    context = limits.context_length
     pipe = load_pipeline(
         package,  # already opened and verified: not opened again
         [],
         [precision],
         backend=backend,
-        options=BackendOptions(
-            threads=options.threads, context_length=context, max_sequences=options.max_sequences
-        ),
+        options=BackendOptions.for_limits(limits),
     )
     where = [
         {
@@ -133,15 +125,6 @@ def load_package_service(source: ModelSource, options: LocalOptions) -> ModelSer
     tokenizer = package.tokenizer()
     if options.chat_template is not None:
         tokenizer.chat_template = Path(options.chat_template).read_text()
-    engine = Engine(
-        pipe,
-        tokenizer,
-        EngineConfig(
-            context_length=context,
-            max_sequences=options.max_sequences,
-            max_queue=options.max_queue,
-        ),
-    )
     info = {
         "backend": backend,
         "precision": precision,
@@ -150,7 +133,17 @@ def load_package_service(source: ModelSource, options: LocalOptions) -> ModelSer
         "stages": where,
         "chosen_by": why,
     }
-    return ModelService(name=source.name, engine=engine, tokenizer=tokenizer, info=info)
+    from edgemesh.gateway.embeddings import pooled_embedder
+
+    def embedder() -> Any:
+        last = pipe.backends[-1]
+        return pooled_embedder(
+            pipe.forward, manifest.hidden_size, context, getattr(last, "can_pool", False)
+        )
+
+    return ModelService(
+        name=source.name, engine=engine, tokenizer=tokenizer, info=info, embedder_factory=embedder
+    )
 
 
 # Most compressed first; a box's default precision may move right (towards

@@ -24,7 +24,8 @@ Piece I/O (B batch, S new tokens, P cached tokens, T = P + S, D head dim):
   ``hidden_out [B,S,H], present_key [B,KV,T,D], present_value [B,KV,T,D]``
 * prologue: ``position_ids [B,S] (int64), past_key [B,KV,P,D]`` ->
   ``cos.<kind>, sin.<kind>, mask.<kind>`` per layer type in the model
-* head: ``hidden [B,S,H], logit_index [K] (int64)`` -> ``logits [B,K,V]``
+* head: ``hidden [B,S,H], logit_index [K] (int64)`` -> ``logits [B,K,V]``,
+  ``hidden_norm [B,S,H]`` (the final norm of every row: what embeddings pool)
 """
 
 from __future__ import annotations
@@ -142,12 +143,16 @@ def _modules(torch: Any) -> dict[str, type]:
             self.norm, self.lm_head, self.spec = norm, lm_head, spec
 
         def forward(self, hidden, logit_index):
-            picked = torch.index_select(hidden, 1, logit_index)  # [B,K,H]
-            logits = self.lm_head(self.norm(picked))  # [B,K,V]
+            # The norm is per row, so norming every row and then picking is the
+            # same arithmetic as picking first; every row's normed state is an
+            # output too (``hidden_norm``: what embeddings pool).
+            normed = self.norm(hidden)  # [B,S,H]
+            picked = torch.index_select(normed, 1, logit_index)  # [B,K,H]
+            logits = self.lm_head(picked)  # [B,K,V]
             cap = self.spec.final_logit_softcapping
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            return logits
+            return logits, normed
 
     return {"layer": LayerPiece, "prologue": ProloguePiece, "head": HeadPiece}
 
@@ -289,8 +294,10 @@ def export_head(model: Any, spec: ArchSpec) -> Any:
         "hidden": {0: "batch", 1: "seq"},
         "logit_index": {0: "picked"},
         "logits": {0: "batch", 1: "picked"},
+        "hidden_norm": {0: "batch", 1: "seq"},
     }
-    return _export(piece, args, ["hidden", "logit_index"], ["logits"], axes, "head")
+    outputs = ["logits", "hidden_norm"]
+    return _export(piece, args, ["hidden", "logit_index"], outputs, axes, "head")
 
 
 def embedding_table(model: Any) -> Any:

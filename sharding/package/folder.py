@@ -26,7 +26,9 @@ for decode steps, see ``backends/batching.py``):
   ``past_value.<i>`` ``[B,KV,P,D]`` for each layer i of the range;
   ``logit_index [K]`` int64 (last range: which of the S rows get logits).
 * outputs: ``logits [B,K,V]`` (last range) or ``hidden_out [B,S,H]``;
-  ``present_key.<i>``/``present_value.<i>`` ``[B,KV,P+S,D]``.
+  ``present_key.<i>``/``present_value.<i>`` ``[B,KV,P+S,D]``; when asked
+  for (``outputs=("hidden_norm",)``, last range), ``hidden_norm [B,S,H]``
+  last.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ log = logging.getLogger(__name__)
 
 COMPOSE_VERSION = 2
 """2: attention masks from ``key_position`` (padded batches), not from the prologue."""
+OPTIONAL_OUTPUTS = ("hidden_norm",)
+"""Outputs a range graph has only when asked (``range_graph(outputs=...)``):
+``hidden_norm [B,S,H]``, the last range's final-norm state of every new row
+(embeddings pool it; packages converted before it existed lack it)."""
 PROLOGUE = "prologue.onnx"
 _ALIGN = 4096
 
@@ -176,11 +182,16 @@ class Package:
 
     # -- composition ------------------------------------------------------
 
-    def range_key(self, start: int, stop: int, precision: str) -> str:
+    def range_key(
+        self, start: int, stop: int, precision: str, outputs: tuple[str, ...] = ()
+    ) -> str:
         shas = [
             self.manifest.artifact(r).sha256 for r in self.artifacts_for(start, stop, precision)
         ]
-        blob = json.dumps([COMPOSE_VERSION, start, stop, precision, shas]).encode()
+        parts: list[Any] = [COMPOSE_VERSION, start, stop, precision, shas]
+        if outputs:  # absent when none: the keys of plain ranges stay what they were
+            parts.append(sorted(outputs))
+        blob = json.dumps(parts).encode()
         return hashlib.sha256(blob).hexdigest()[:20]
 
     def range_graph(
@@ -190,16 +201,26 @@ class Package:
         precision: str,
         cache_dir: Path | None = None,
         cache_limit_bytes: int = RANGE_CACHE_BYTES,
+        *,
+        outputs: tuple[str, ...] = (),
     ) -> Path:
         """Path of the composed ONNX graph of ``[start, stop)`` at ``precision``.
 
         Verifies the range's artifacts by sha256 first, then composes (or
         reuses the cached composition). A new composition prunes the cache to
         ``cache_limit_bytes``, least recently used first (``range_cache``).
+        ``outputs`` names optional outputs to expose after the standard ones
+        where the range has them: ``hidden_norm`` (``OPTIONAL_OUTPUTS``).
         """
+        unknown = set(outputs) - set(OPTIONAL_OUTPUTS)
+        if unknown:
+            raise ConfigError(
+                f"no optional range output {sorted(unknown)}",
+                hint=f"known: {', '.join(OPTIONAL_OUTPUTS)}",
+            )
         self.verify(self.artifacts_for(start, stop, precision))
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        key = self.range_key(start, stop, precision)
+        key = self.range_key(start, stop, precision, outputs)
         folder = cache / f"{_slug(self.manifest.name)}-{start}-{stop}-{precision}-{key}"
         graph = folder / "range.onnx"
         if _cache_ok(folder):
@@ -210,7 +231,7 @@ class Package:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".compose-", dir=cache))
         try:
-            self._compose(start, stop, precision, tmp)
+            self._compose(start, stop, precision, tmp, outputs)
             if folder.exists():  # a stale or partial entry
                 shutil.rmtree(folder, ignore_errors=True)
             try:
@@ -231,7 +252,9 @@ class Package:
         )
         return graph
 
-    def _compose(self, start: int, stop: int, precision: str, out: Path) -> None:
+    def _compose(
+        self, start: int, stop: int, precision: str, out: Path, outputs: tuple[str, ...] = ()
+    ) -> None:
         onnx = require("onnx", "onnx")
         from onnx import helper
 
@@ -316,6 +339,8 @@ class Package:
             out_names += [f"present_key.{i}", f"present_value.{i}"]
         if stop == last:
             in_names.append("logit_index")
+            # Packages converted before the head exported it have no hidden_norm.
+            out_names += [n for n in outputs if n == "hidden_norm" and n in values]
         nodes, inits = _prune(nodes, inits, set(out_names))
         graph = helper.make_graph(
             nodes,
@@ -330,7 +355,7 @@ class Package:
         model.ir_version = ir_version
         (out / "range.onnx").write_bytes(model.SerializeToString())
         meta = {
-            "key": self.range_key(start, stop, precision),
+            "key": self.range_key(start, stop, precision, outputs),
             "layers": [start, stop],
             "precision": precision,
             "files": {n: (out / n).stat().st_size for n in ("range.onnx", "range.onnx.data")},
