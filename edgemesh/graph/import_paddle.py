@@ -4,7 +4,8 @@ An inference model is ``NAME.json`` (Paddle 3's PIR program) or
 ``NAME.pdmodel`` (the older ProgramDesc), beside ``NAME.pdiparams``; the
 path may be either file or their folder (one model in it). The reference is
 Paddle Inference itself (``paddle.inference.create_predictor``) on the same
-files.
+files. With ``$EDGEMESH_PADDLE_PYTHON`` set, both run in that Python's
+environment instead (``paddle_env``).
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ def model_files(path: Path) -> tuple[Path, Path]:
 
 
 def run(path: Path, work: Path, options: ImportOptions) -> Imported:
+    from edgemesh.graph import paddle_env
+
+    program, params = model_files(path)
+    python = paddle_env.paddle_python()
+    if python is not None:  # Paddle in its own venv (paddle2onnx pins an older onnx)
+        return paddle_env.run_in_child(python, program, params, work, options)
     paddle = require("paddle", EXTRA)
     paddle2onnx = require("paddle2onnx", EXTRA)
-    program, params = model_files(path)
     out = work / "source.onnx"
     try:
         paddle2onnx.export(
