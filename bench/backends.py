@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgemesh.bench.isolation import run_worker
+from edgemesh.lab.isolation import run_worker
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "

@@ -140,7 +140,7 @@ def rpc_servers(
             if cache_dir:
                 argv += ["--server-cache", cache_dir]
             if box_cpus:
-                from edgemesh.bench.cgroups import Limits
+                from edgemesh.lab.cgroups import Limits
 
                 argv = stack.enter_context(Limits(box_cpus, None, f"rpc{i}")).wrap(argv)
             log = open(logs / f"rpc-{port}.log", "wb")
@@ -411,8 +411,8 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     import itertools
     from dataclasses import replace
 
-    from edgemesh.bench.isolation import local_ray
     from edgemesh.engine import Engine, EngineConfig
+    from edgemesh.lab.isolation import local_ray
     from edgemesh.router.placement import StaticPlacer
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.router.stage import StageSpec
@@ -466,7 +466,7 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:
-    from edgemesh.bench.isolation import run_worker
+    from edgemesh.lab.isolation import run_worker
 
     return run_worker("edgemesh.bench.llamacpp_rpc", job, job["name"])
 

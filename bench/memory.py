@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh import paths
-from edgemesh.bench.meshlab import (
+from edgemesh.errors import MeshError
+from edgemesh.lab.meshlab import (
     BoxLimits,
     MeshLab,
     cgroup_oom_kills,
@@ -63,7 +64,6 @@ from edgemesh.bench.meshlab import (
     stream_chat,
     wait_until,
 )
-from edgemesh.errors import MeshError
 from edgemesh.reexec import edgemesh_argv, python_argv
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -187,9 +187,9 @@ def planner_single(package: Path, limit: int, tmp: Path) -> dict[str, Any]:
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     from edgemesh.errors import InfeasiblePlanError
+    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.planner.boxes import load_boxes
     from edgemesh.sharding.planner.costs import PlanOptions
-    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.planner.plan import plan
 
     boxes, links = load_boxes(profiles)
@@ -217,7 +217,7 @@ print("tokens", generate(pipe, [1, 5, 6, 7], max_tokens=2).token_ids, flush=True
 
 def load_whole_in_one_box(package: Path, limit: int) -> dict[str, Any]:
     """Really try: the whole model in one process in a cgroup limited to ``limit``."""
-    from edgemesh.bench.cgroups import Limits
+    from edgemesh.lab.cgroups import Limits
 
     with Limits(None, limit, name="membench") as cg:
         t = time.monotonic()
@@ -345,8 +345,8 @@ def mesh_run(package: Path, limit: int, texts: list[str], wants: list[str]) -> d
 def run(*, limit_mb: int = 1792, out: Path | None = None) -> dict[str, Any]:
     import tempfile
 
-    from edgemesh.bench.cgroups import unavailable
-    from edgemesh.bench.netns import skip_reason
+    from edgemesh.lab.cgroups import unavailable
+    from edgemesh.lab.netns import skip_reason
 
     why = skip_reason() or unavailable()
     if why:

@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgemesh.bench.meshlab import (
+from edgemesh.errors import MeshError
+from edgemesh.lab.meshlab import (
     BoxLimits,
     MeshBox,
     MeshLab,
@@ -56,7 +57,6 @@ from edgemesh.bench.meshlab import (
     stream_chat,
     wait_until,
 )
-from edgemesh.errors import MeshError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "gemma"
@@ -251,7 +251,7 @@ def run(
     prefix: str = "emb",
 ) -> dict[str, Any]:
     from edgemesh import models
-    from edgemesh.bench.netns import skip_reason
+    from edgemesh.lab.netns import skip_reason
     from edgemesh.sharding.package.folder import open_package
 
     why = skip_reason()

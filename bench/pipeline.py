@@ -277,7 +277,7 @@ def run(
     out: Path | None = RESULTS / "pipeline.json",
 ) -> dict[str, Any]:
     """Measure the data planes and the router on a local Ray node; write ``out``."""
-    from edgemesh.bench.isolation import local_ray
+    from edgemesh.lab.isolation import local_ray
 
     with local_ray(BOXES, "edgemesh-bench-") as (ray, tmp):
         result = {

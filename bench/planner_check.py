@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgemesh.bench import cgroups
+from edgemesh.lab import cgroups
 from edgemesh.reexec import edgemesh_argv, module_argv
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planner_check.json"
@@ -92,8 +92,8 @@ def _roofline_ms(manifest: Any, boxes: dict[str, dict], stage: Any, options: Any
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.planner.costs import PlanOptions
     from edgemesh.sharding.planner.plan import plan
 
     quotas = [float(q) for q in args.quotas.split(",")]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemesh.bench.isolation import run_worker
+from edgemesh.lab.isolation import run_worker
 
 RESULTS = Path("bench/results")
 STREAMS = (1, 4, 8, 16)
@@ -128,8 +128,8 @@ def _layout_check(backend: Any, prompt_tokens: int, context: int) -> dict[str, A
 
 def _planned_bytes(package: Path, precision: str, context: int, sequences: int) -> dict[str, int]:
     """The planner's memory figure for the whole model on one box (its formula)."""
-    from edgemesh.sharding.planner.costs import KV_SCALE, RUNTIME_OVERHEAD_BYTES, weight_at
     from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.costs import KV_SCALE, RUNTIME_OVERHEAD_BYTES, weight_at
 
     m = Manifest.load(package)
     weights = sum(int(c.weight_bytes[precision]) for c in m.layers)

@@ -1,7 +1,7 @@
 """Graph models (vision): latency and throughput per engine and precision, in one run.
 
 For MobileNetV3-small, ResNet-18 (torchvision's architectures) and a
-YOLO-style detector, random weights (``bench/vision_models.py``):
+YOLO-style detector, random weights (``edgemesh/lab/vision_models.py``):
 
 * ``edgemesh import`` with a calibration folder of synthetic frames:
   import time, package size per precision, measured accuracy;
@@ -35,9 +35,9 @@ import numpy as np
 from edgemesh.reexec import edgemesh_argv
 
 MODELS = {
-    "mobilenet_v3_small": ("edgemesh.bench.vision_models:mobilenet_v3_small", (3, 224, 224)),
-    "resnet18": ("edgemesh.bench.vision_models:resnet18", (3, 224, 224)),
-    "tiny_detector": ("edgemesh.bench.vision_models:tiny_detector", (3, 320, 320)),
+    "mobilenet_v3_small": ("edgemesh.lab.vision_models:mobilenet_v3_small", (3, 224, 224)),
+    "resnet18": ("edgemesh.lab.vision_models:resnet18", (3, 224, 224)),
+    "tiny_detector": ("edgemesh.lab.vision_models:tiny_detector", (3, 320, 320)),
 }
 BATCHES = (1, 4, 8, 16)
 RESULT = Path(__file__).resolve().parent / "results" / "vision.json"

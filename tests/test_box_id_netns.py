@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import pytest
 
 from edgemesh import Client
-from edgemesh.bench.meshlab import MeshBox, formed, wait_until
-from edgemesh.bench.netns import NetnsLab, skip_reason
+from edgemesh.lab.meshlab import MeshBox, formed, wait_until
+from edgemesh.lab.netns import NetnsLab, skip_reason
 from edgemesh.mesh.config import read_json
 from tests.fixtures.tiny_models import shared_tiny_package
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgemesh.bench.meshlab import MeshBox, formed, wait_until
-from edgemesh.bench.netns import NetnsLab
-from edgemesh.bench.netns import skip_reason as netns_skip_reason
+from edgemesh.lab.meshlab import MeshBox, formed, wait_until
+from edgemesh.lab.netns import NetnsLab
+from edgemesh.lab.netns import skip_reason as netns_skip_reason
 from tests.fixtures.browser import browser_page, screenshot
 from tests.fixtures.browser import skip_reason as browser_skip_reason
 from tests.fixtures.tiny_models import shared_tiny_package

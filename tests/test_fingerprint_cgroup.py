@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from edgemesh.bench import cgroups
+from edgemesh.lab import cgroups
 
 pytestmark = pytest.mark.skipif(
     cgroups.unavailable() is not None, reason=f"cgroups: {cgroups.unavailable()}"
@@ -54,7 +54,7 @@ def test_the_cgroup_is_gone_and_its_processes_killed() -> None:
 @pytest.mark.netns
 def test_a_namespace_box_fingerprints_its_cgroup_limits() -> None:
     """The multi-box tests' boxes must look like the weaker boxes they emulate."""
-    from edgemesh.bench.netns import NetnsLab, skip_reason
+    from edgemesh.lab.netns import NetnsLab, skip_reason
 
     if skip_reason():
         pytest.skip(skip_reason())

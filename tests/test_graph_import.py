@@ -193,7 +193,7 @@ def test_import_leaves_the_working_folder_clean(
     out = tmp_path / "det"
     result = CliRunner().invoke(
         app,
-        ["import", "edgemesh.bench.vision_models:tiny_detector", "--out", str(out),
+        ["import", "edgemesh.lab.vision_models:tiny_detector", "--out", str(out),
          "--calibration", str(calib)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

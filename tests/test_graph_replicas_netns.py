@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemesh.bench.netns import NetnsLab, skip_reason
+from edgemesh.lab.netns import NetnsLab, skip_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

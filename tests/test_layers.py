@@ -1,8 +1,8 @@
 """The import layers of the edgemesh namespace, read from the source with `ast`.
 
-Every module under the namespace (edgemesh/, mesh/, sharding/, backends/,
-bench/, as pyproject maps them) belongs to one layer; a module may import
-its own layer and the layers below it, never one above. No two files may
+Every module under the namespace (edgemesh/ with edgemesh/lab/, mesh/,
+sharding/, backends/, bench/, as pyproject maps them) belongs to one layer;
+a module may import its own layer and the layers below it, never one above. No two files may
 import each other, directly or around a circle. Imports inside functions
 count (a lazy import is still a dependency); imports under
 ``if TYPE_CHECKING:`` do not (they never run). docs/ARCHITECTURE.md draws
@@ -29,7 +29,10 @@ FOLDERS = {
 # sharding/ is three layers: package/ (the format, below backends),
 # convert/ and planner/ (above them, beside the fingerprint).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("edgemesh", "edgemesh.errors", "edgemesh.paths", "edgemesh.reexec")),
+    (
+        "core",
+        ("edgemesh", "edgemesh.errors", "edgemesh.paths", "edgemesh.reexec", "edgemesh.limits"),
+    ),
     (
         "formats",  # files on disk and text: what every runtime reads
         (
@@ -49,7 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("edgemesh.backends", "edgemesh.backends.*", "edgemesh.pipeline")),
     (
         "engine",  # one model's decode loop over a pipeline of backends
-        ("edgemesh.engine", "edgemesh.sharding.pipeline"),
+        ("edgemesh.engine", "edgemesh.offline", "edgemesh.sharding.pipeline"),
     ),
     (
         "choose",  # what a box is, how to convert, where layers go: no serving
@@ -84,6 +87,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edgemesh.gateway.mesh_boxes",
         ),
     ),
+    # Emulated boxes (namespaces, cgroups, a mesh of `edgemesh join`s) that tests,
+    # examples and benchmarks share: it drives the mesh, and only bench sits above.
+    ("lab", ("edgemesh.lab", "edgemesh.lab.*")),
     ("bench", ("edgemesh.bench", "edgemesh.bench.*")),
     ("cli", ("edgemesh.cli", "edgemesh.cli.*", "edgemesh.__main__")),
 ]

@@ -23,9 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgemesh.bench import meshlab
-from edgemesh.bench.meshlab import MeshBox
-from edgemesh.bench.netns import NetnsLab, skip_reason
+from edgemesh.lab import meshlab
+from edgemesh.lab.meshlab import MeshBox
+from edgemesh.lab.netns import NetnsLab, skip_reason
 from edgemesh.mesh import MeshStatus
 from edgemesh.mesh.config import create_secret
 from edgemesh.mesh.membership import CRASH, LEAVE, MemberEvent

@@ -88,6 +88,7 @@ def test_wheel_holds_only_the_edgemesh_namespace(wheel: Path) -> None:
         "edgemesh/sdk/client.py",
         "edgemesh/backends/llamacpp.py",
         "edgemesh/gateway/app.py",
+        "edgemesh/lab/netns.py",
         "edgemesh/bench/single.py",
         "edgemesh/cli/serve.py",
     ):
@@ -194,8 +195,9 @@ def test_python_m_edgemesh_runs_in_a_clone_root(clone: Path) -> None:
     """A clone run in place finds its backends/, mesh/, sharding/ and bench/."""
     code = (
         "import json, edgemesh, edgemesh.backends.registry as r, edgemesh.mesh, "
-        "edgemesh.sharding.package.manifest, edgemesh.bench;"
-        "print(json.dumps([edgemesh.__file__, r.__file__, edgemesh.sharding.package.manifest.__file__]))"
+        "edgemesh.sharding.package.manifest, edgemesh.bench, edgemesh.lab;"
+        "print(json.dumps([edgemesh.__file__, r.__file__, "
+        "edgemesh.sharding.package.manifest.__file__, edgemesh.lab.__file__]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=clone, timeout=120

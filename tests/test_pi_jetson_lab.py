@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemesh.bench.netns import skip_reason
+from edgemesh.lab.netns import skip_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def _namespaces() -> set[str]:
 
 
 def test_lab_streams_a_chat_over_both_boxes_and_cleans_up(capsys) -> None:
-    from edgemesh.bench.cgroups import unavailable
+    from edgemesh.lab.cgroups import unavailable
 
     if unavailable():
         pytest.skip(unavailable())

@@ -36,8 +36,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgemesh.bench.meshlab import MeshBox, formed, run_parallel, wait_until
-from edgemesh.bench.netns import NetnsLab, skip_reason
+from edgemesh.lab.meshlab import MeshBox, formed, run_parallel, wait_until
+from edgemesh.lab.netns import NetnsLab, skip_reason
 from tests.fixtures.tiny_models import shared_tiny_package
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

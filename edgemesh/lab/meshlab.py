@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edgemesh.bench.netns import Box, NetnsLab
 from edgemesh.errors import BoxLostError, MeshError
+from edgemesh.lab.netns import Box, NetnsLab
 from edgemesh.reexec import edgemesh_argv
 
 T = TypeVar("T")

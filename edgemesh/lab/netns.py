@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemesh.bench.cgroups import Limits
+from edgemesh.lab.cgroups import Limits
 
 _counter = itertools.count()
 

@@ -91,8 +91,8 @@ def box_profile(box: object, host: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from edgemesh.bench.cgroups import unavailable
-    from edgemesh.bench.meshlab import (
+    from edgemesh.lab.cgroups import unavailable
+    from edgemesh.lab.meshlab import (
         BoxLimits,
         MeshLab,
         equal_split,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         stream_chat,
         wait_until,
     )
-    from edgemesh.bench.netns import skip_reason
+    from edgemesh.lab.netns import skip_reason
 
     why = skip_reason() or unavailable()
     if why:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from edgemesh.bench.vision_models import MobileNetV3Small
+from edgemesh.lab.vision_models import MobileNetV3Small
 
 LABELS = ("ok", "defect")
 SIZE = 224
