@@ -477,10 +477,10 @@ class Agent:
 def _box_exporter(address: str, box_id: str) -> Any:
     """This box's own Prometheus metrics on ``address:9464`` (memory, CPU), which the
     head's ``/metrics/targets`` lists; None (logged) when the port is taken."""
-    from edgemesh.gateway.metrics import BOX_METRICS_PORT, serve_box_metrics
+    from edgemesh.box_metrics import BOX_METRICS_PORT, serve_box_metrics
 
     try:
-        return serve_box_metrics(address, BOX_METRICS_PORT, box_id)
+        return serve_box_metrics(address, BOX_METRICS_PORT, box=box_id)
     except OSError as exc:
         log.warning("box metrics not exported on %s:%d: %s", address, BOX_METRICS_PORT, exc)
         return None

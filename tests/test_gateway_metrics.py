@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from edgemesh.gateway.metrics import sd_targets, serve_box_metrics
+from edgemesh.box_metrics import serve_box_metrics
+from edgemesh.gateway.metrics import sd_targets
 from tests.conftest import free_port
 
 

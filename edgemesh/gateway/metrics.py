@@ -1,4 +1,4 @@
-"""Prometheus metrics of one gateway (``GET /metrics``) and of one box.
+"""Prometheus metrics of one gateway (``GET /metrics``).
 
 Counters and histograms the gateway records as requests happen (requests
 by route and status, time to first token, inter-token latency, tokens in
@@ -6,8 +6,10 @@ and out) live in a registry per app, so two apps in one process (tests)
 never share numbers. What the engines and boxes know (queue depth, running
 sequences, KV use, step times per stage, memory, CPU) is read at scrape
 time by ``_LiveCollector``, so it is never stale and costs nothing between
-scrapes. Names are listed in /tmp/team/CONTRACTS.md's H4 entry and
-docs/GATEWAY.md; the dashboard charts the same numbers.
+scrapes; the box's own memory and CPU come from ``edgemesh.box_metrics``,
+which ``edgemesh join`` also exports on a box without the gateway. Names
+are listed in /tmp/team/CONTRACTS.md's H4 entry and docs/GATEWAY.md; the
+dashboard charts the same numbers.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from edgemesh.box_metrics import BOX_METRICS_PORT, box_families
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
-BOX_METRICS_PORT = 9464
-"""Where ``serve_box_metrics`` listens on a box unless told otherwise."""
 
 
 @functools.cache
@@ -181,47 +183,7 @@ class _LiveCollector:
                     hop.add_metric([name, edge], st["hop_s"])
                     hops.add_metric([name, edge], st["hops"])
         yield from (queue, running, kv, steps, busy, forks, stage_calls, stage_busy, hop, hops)
-        yield from box_families()
-
-
-def box_families(box: str | None = None) -> Iterator[Any]:
-    """This box's memory and CPU, labelled with its id."""
-    import psutil
-    from prometheus_client.core import GaugeMetricFamily
-
-    ident = box or box_id()
-    mem = psutil.virtual_memory()
-    used = GaugeMetricFamily("edgemesh_box_memory_used_bytes", "Memory in use", labels=["box"])
-    used.add_metric([ident], float(mem.total - mem.available))
-    total = GaugeMetricFamily("edgemesh_box_memory_total_bytes", "Memory", labels=["box"])
-    total.add_metric([ident], float(mem.total))
-    cpu = GaugeMetricFamily(
-        "edgemesh_box_cpu_percent", "CPU use since the previous scrape", labels=["box"]
-    )
-    cpu.add_metric([ident], psutil.cpu_percent(interval=None))
-    yield from (used, total, cpu)
-
-
-class _BoxCollector:
-    def __init__(self, box: str) -> None:
-        self._box = box
-
-    def describe(self) -> Iterable[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        yield from box_families(self._box)
-
-
-def serve_box_metrics(host: str, port: int = BOX_METRICS_PORT, box: str | None = None) -> Any:
-    """Export this box's own metrics on ``http://host:port/metrics`` (a box
-    without the gateway: ``edgemesh join``). Returns the server (``shutdown()``)."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    registry = CollectorRegistry()
-    registry.register(_BoxCollector(box or box_id()))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+        yield from box_families(box_id())
 
 
 def sd_targets(boxes: list[dict[str, Any]], gateway: str) -> list[dict[str, Any]]:

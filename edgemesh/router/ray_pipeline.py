@@ -175,6 +175,14 @@ class RayPipeline:
             self._history[dst_seq_id] = history
         return True
 
+    def pooled(self, inputs: Sequence[SeqInput], timeout: float = 300.0) -> list[np.ndarray]:
+        """Run pooled passes (``logits == "pooled"``, embeddings) through the stages:
+        the last returns each input's pooled hidden state ``[1, H]``. Blocking;
+        a pass caught by a stage loss is re-run once the stages are back."""
+        if any(i.logits != "pooled" for i in inputs):
+            raise InferenceError("RayPipeline.pooled takes pooled passes only")
+        return self.submit(inputs, [None] * len(inputs)).result(timeout)  # type: ignore[return-value]
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -245,6 +253,8 @@ class RayPipeline:
 
     def _record(self, inputs: list[SeqInput]) -> None:
         for inp in inputs:
+            if inp.logits == "pooled":
+                continue  # stateless (embeddings): nothing to replay
             hist = self._history.get(inp.seq_id)
             if hist is None:
                 if inp.start_pos:

@@ -333,10 +333,17 @@ class StageWorker:
                 job.error = exc
             job.done.set()
 
-    def _pack(self, job: _Job, outputs: list[np.ndarray]) -> Batch | list[Picked | None]:
+    def _pack(
+        self, job: _Job, outputs: list[np.ndarray]
+    ) -> Batch | list[Picked | np.ndarray | None]:
         if self.spec.is_last:
             picks = job.picks if job.picks is not None else [None] * len(outputs)
-            return apply_picks(outputs, picks)
+            picked: list[Picked | np.ndarray | None] = list(apply_picks(outputs, picks))
+            # A pooled pass (embeddings) returns its vector [1, H], not a pick.
+            for i, kind in enumerate(job.batch.logits):
+                if kind == "pooled":
+                    picked[i] = outputs[i]
+            return picked
         dtype = np.dtype(self.spec.wire)
         if not outputs:
             return job.batch.with_data(np.zeros((0, self.hidden_size), dtype))
