@@ -91,8 +91,10 @@ class Grammar:
             )
         self.source = source
 
-    def constraint(self) -> Constraint:
-        return Constraint(self)
+    def constraint(self, max_tokens: int | None = None) -> Constraint:
+        """A fresh matcher for one sequence; ``max_tokens`` is its budget (see
+        ``Constraint``: it ends a repeatable reply before the budget cuts it)."""
+        return Constraint(self, max_tokens=max_tokens)
 
 
 def json_schema_grammar(schema: dict[str, Any], *, tokenizer: Tokenizer, param: str) -> Grammar:
@@ -115,22 +117,41 @@ def embedded_schema(schema: dict[str, Any]) -> str:
 
 
 class Constraint:
-    """One sequence's matcher. Used from the engine's scheduler thread only."""
+    """One sequence's matcher. Used from the engine's scheduler thread only.
 
-    def __init__(self, grammar: Grammar) -> None:
+    With a budget (``max_tokens``) it closes a reply that could go on: a
+    grammar that may end and may also continue (tool calls: ``call+``) is a
+    sequence of *units*, each ending where the matcher turns accepting again.
+    At such an end, if the tokens left cannot hold another unit twice as long
+    as the longest so far plus the end-of-sequence token, only EOS is allowed:
+    the reply stops complete instead of being cut mid-unit by ``max_tokens``.
+    A grammar accepting at every step (free text) has no unit ends past its
+    first token, so it is never closed early. A single unit (one JSON value)
+    is not helped by this: its budget must cover its longest form (each token
+    is at least one byte, so a bounded schema's longest reply in bytes is enough).
+    """
+
+    def __init__(self, grammar: Grammar, *, max_tokens: int | None = None) -> None:
         llg = _llg()
         self._matcher = llg.LLMatcher(grammar._tok, grammar.source)
         words = (grammar._tok.vocab_size + 31) // 32
         self._mask = np.zeros((1, words), dtype=np.int32)
         self._eos = sorted(set(grammar._tok.eos_tokens))
         self.steps = 0
+        self.max_tokens = max_tokens
+        self._accepting = bool(self._matcher.is_accepting())
+        self._unit_start = 0
+        self.longest_unit = 0
+        """Tokens of the longest unit so far (start, or a unit end, to the next end)."""
+        self.closed = False
+        """The budget ended the reply at a unit end: only EOS is allowed now."""
 
     def mask(self) -> np.ndarray:
         """Packed uint32 bitmask of the tokens allowed next (a fresh array: it
         travels with the pick while the next one is computed)."""
         from llguidance.numpy import fill_next_token_bitmask
 
-        if self._matcher.is_error():
+        if self._matcher.is_error() or self.closed:
             return self._only_eos()
         fill_next_token_bitmask(self._matcher, self._mask)
         return self._mask[0].view(np.uint32).copy()
@@ -141,6 +162,14 @@ class Constraint:
         if not self._matcher.consume_token(int(token)):
             log.warning("the output grammar refused token %d: %s", token, self._matcher.get_error())
             return True
+        accepting = bool(self._matcher.is_accepting())
+        if accepting and not self._accepting:  # a unit ends here
+            self.longest_unit = max(self.longest_unit, self.steps - self._unit_start)
+            self._unit_start = self.steps
+            if self.max_tokens is not None:
+                left = self.max_tokens - self.steps
+                self.closed = left < 2 * self.longest_unit + 1
+        self._accepting = accepting
         return bool(self._matcher.is_stopped())
 
     @property

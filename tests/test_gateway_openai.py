@@ -218,7 +218,9 @@ def test_json_schema_output_is_always_valid(client: openai.OpenAI, temperature: 
     out = client.chat.completions.create(
         model=M,
         messages=[{"role": "user", "content": "Describe a person."}],
-        max_tokens=80,
+        # The budget a real client gives: PERSON's longest reply is ~130 bytes (a
+        # 12-character name of \uXXXX escapes is 72) and a token is at least a byte.
+        max_tokens=160,
         temperature=temperature,
         n=3,
         seed=1,
@@ -261,7 +263,9 @@ def test_tool_choice_required_and_named(client: openai.OpenAI, temperature: floa
         messages=ASK,
         tools=tools,
         tool_choice="required",
-        max_tokens=80,
+        # One get_weather call is at most ~180 bytes (a 16-character city of
+        # escapes); further calls are closed by the grammar's budget (grammar.Constraint).
+        max_tokens=200,
         temperature=temperature,
     )
     choice = out.choices[0]

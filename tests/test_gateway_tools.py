@@ -89,3 +89,101 @@ def test_streamed_text_in_auto_mode_is_content() -> None:
     stream = CallStream(HERMES)
     deltas = list(stream.feed("Sunny")) + list(stream.feed(" today")) + list(stream.flush())
     assert "".join(d["content"] for d in deltas) == "Sunny today"
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("llguidance")
+    from edgemesh.sharding.package.tokenizer import HFTokenizer
+    from tests.fixtures.tiny_models import _tokenizer
+
+    tok = _tokenizer()
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return HFTokenizer(
+        path, bos_token_id=tok.token_to_id("<bos>"), eos_token_ids=[tok.token_to_id("<eos>")]
+    )
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {"key": {"enum": ["a", "b"]}},
+            "required": ["key"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _allowed(mask, token: int) -> bool:
+    return bool((int(mask[token // 32]) >> (token % 32)) & 1)
+
+
+def _drive(constraint, tokens: list[int], eos: int, budget: int) -> tuple[list[int], str]:
+    """Feed ``tokens`` over and over (a model that always wants one more call)
+    until the mask refuses the next one; returns (tokens fed, why it ended)."""
+    fed: list[int] = []
+    while len(fed) < budget:
+        mask = constraint.mask()
+        nxt = tokens[len(fed) % len(tokens)]
+        if not _allowed(mask, nxt):
+            return fed, "eos" if _allowed(mask, eos) else "refused"
+        fed.append(nxt)
+        if constraint.advance(nxt):
+            return fed, "stopped"
+    return fed, "length"
+
+
+@pytest.mark.parametrize("budget", [60, 100, 150, 333])
+def test_a_budget_closes_repeated_calls_before_max_tokens_cuts_one(
+    tiny_tokenizer, budget: int
+) -> None:
+    """tool_choice "required" allows one or more calls; with max_tokens as the
+    constraint's budget a reply that keeps calling ends (EOS) at a call's end
+    while the budget still holds another, never cut inside a call."""
+    from edgemesh.gateway.tools import tool_grammar
+
+    tok = tiny_tokenizer
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"key": "a"}}\n</tool_call>'
+    tokens = tok.encode(call, add_bos=False)
+    grammar = tool_grammar([LOOKUP], "required", HERMES, tok)
+    eos = sorted(tok.eos_ids)[0]
+    if budget < len(tokens) + 1:
+        pytest.skip("the budget does not hold one call")
+    fed, why = _drive(grammar.constraint(budget), tokens, eos, budget)
+    assert why == "eos", (why, len(fed), len(tokens))
+    assert len(fed) % len(tokens) == 0 and len(fed) + 1 <= budget
+    calls = len(fed) // len(tokens)
+    assert calls >= 1
+    # It closes only when another call (x2, + EOS) would not fit: no earlier.
+    assert budget - len(fed) < 2 * len(tokens) + 1
+    content, parsed = parse_calls(tok.decode(fed), HERMES)
+    assert content is None and len(parsed) == calls
+    # Without a budget the same grammar goes on (the engine's max_tokens cuts it).
+    _, unbounded = _drive(grammar.constraint(), tokens, eos, budget)
+    assert unbounded == "length"
+
+
+def test_parallel_tool_calls_false_allows_one_call(tiny_tokenizer) -> None:
+    from edgemesh.gateway.tools import tool_grammar
+
+    tok = tiny_tokenizer
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"key": "b"}}\n</tool_call>'
+    tokens = tok.encode(call, add_bos=False)
+    grammar = tool_grammar([LOOKUP], "required", HERMES, tok, parallel=False)
+    fed, why = _drive(grammar.constraint(500), tokens, sorted(tok.eos_ids)[0], 500)
+    assert len(fed) == len(tokens) and why in ("stopped", "eos")
+
+
+def test_free_text_in_auto_mode_is_not_closed_early(tiny_tokenizer) -> None:
+    from edgemesh.gateway.tools import tool_grammar
+
+    tok = tiny_tokenizer
+    tokens = tok.encode("Sunny and warm today, with a breeze. ", add_bos=False)
+    grammar = tool_grammar([LOOKUP], "auto", HERMES, tok)
+    fed, why = _drive(grammar.constraint(30), tokens, sorted(tok.eos_ids)[0], 30)
+    assert (len(fed), why) == (30, "length")

@@ -133,7 +133,7 @@ def _chat_grammar(
 ) -> Grammar | None:
     tok = service.tokenizer
     if tools and choice != "none":
-        return tool_grammar(tools, choice, fmt, tok)
+        return tool_grammar(tools, choice, fmt, tok, parallel=body.parallel_tool_calls is not False)
     rf = body.response_format
     if rf is None or rf.type == "text":
         return None
@@ -206,7 +206,9 @@ async def _submit(
                     logit_bias=body.bias,
                     logprobs=logprobs,
                 )
-                constraint = grammar.constraint() if grammar is not None else None
+                # The grammar's budget: what the engine will let the reply run to.
+                budget = min(limit, room)
+                constraint = grammar.constraint(budget) if grammar is not None else None
                 first = gens[-j] if j else None  # sample 0 of this prompt: share its prefill
                 gens.append(
                     service.engine.submit(

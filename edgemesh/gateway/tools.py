@@ -44,9 +44,15 @@ def _lark_string(text: str) -> str:
 
 
 def tool_grammar(
-    tools: list[dict[str, Any]], choice: Any, fmt: ToolFormat, tokenizer: Tokenizer
+    tools: list[dict[str, Any]],
+    choice: Any,
+    fmt: ToolFormat,
+    tokenizer: Tokenizer,
+    *,
+    parallel: bool = True,
 ) -> Grammar | None:
-    """The output grammar for ``tool_choice``; None for ``none`` (free text)."""
+    """The output grammar for ``tool_choice``; None for ``none`` (free text).
+    ``parallel`` False (OpenAI's ``parallel_tool_calls: false``): one call at most."""
     if choice == "none":
         return None
     if isinstance(choice, dict):
@@ -58,7 +64,7 @@ def tool_grammar(
             )
         tools, repeat = chosen, ""  # a named function: exactly one call
     else:
-        repeat = "+"
+        repeat = "+" if parallel else ""
     schema = {"anyOf": [call_schema(t, fmt) for t in tools]}
     call = f"call: {_lark_string(fmt.start)} {embedded_schema(schema)} {_lark_string(fmt.end)}"
     if choice == "auto":
@@ -66,7 +72,7 @@ def tool_grammar(
         # that starts one is a call the grammar completes.
         first = re.escape(fmt.start[0] if fmt.start else "{")
         text = f"TEXT: /\\s*[^{first}\\s][\\s\\S]*/"
-        body = f"start: calls | TEXT\ncalls: call+\n{text}\n{call}\n"
+        body = f"start: calls | TEXT\ncalls: call{repeat}\n{text}\n{call}\n"
     else:
         sep = ' "\\n" ' if not fmt.end else " "
         body = f"start: call ({sep}call)*\n{call}\n" if repeat else f"start: call\n{call}\n"
