@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from edgemesh.graph.imported import Imported, ImportOptions
 from edgemesh.graph.manifest import SourceInfo
-from edgemesh.graph.sources import Imported, ImportOptions
 
 
 def run(path: Path, work: Path, options: ImportOptions) -> Imported:

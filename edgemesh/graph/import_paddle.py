@@ -21,8 +21,8 @@ from edgemesh.errors import (
     UnsupportedModelError,
     require,
 )
+from edgemesh.graph.imported import Imported, ImportOptions
 from edgemesh.graph.manifest import SourceInfo
-from edgemesh.graph.sources import Imported, ImportOptions
 
 EXTRA = "import-paddle"
 

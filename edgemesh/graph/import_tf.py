@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from edgemesh.errors import ConfigError, CorruptArtifactError, UnsupportedModelError, require
+from edgemesh.graph.imported import Imported, ImportOptions
 from edgemesh.graph.manifest import SourceInfo
-from edgemesh.graph.sources import Imported, ImportOptions
 
 EXTRA = "import-tf"
 

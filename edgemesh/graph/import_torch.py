@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from edgemesh.errors import ConfigError, CorruptArtifactError, ModelNotFoundError, require
+from edgemesh.graph.imported import Imported, ImportOptions
 from edgemesh.graph.manifest import SourceInfo
-from edgemesh.graph.sources import Imported, ImportOptions
 
 log = logging.getLogger(__name__)
 EXTRA = "import-torch"

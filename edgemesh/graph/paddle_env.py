@@ -32,8 +32,8 @@ from edgemesh.errors import (
     MissingExtraError,
     UnsupportedModelError,
 )
+from edgemesh.graph.imported import Imported, ImportOptions
 from edgemesh.graph.manifest import SourceInfo
-from edgemesh.graph.sources import Imported, ImportOptions
 
 log = logging.getLogger(__name__)
 

@@ -1,27 +1,20 @@
-"""Which framework a model file comes from, and the shared import result.
+"""Which framework a model file comes from, and the dispatch to its importer.
 
 ``detect(spec)`` looks at the path only (suffix, folder contents), never
 loads anything, so a wrong guess costs nothing. Each framework's importer
 (``import_torch``, ``import_tf``, ``import_paddle``, ``import_onnx``) turns
 the model into an fp32 ONNX file plus a *reference*: a function that runs
 the source framework itself, whose outputs every precision is measured
-against.
+against. The options and the result they share live in ``imported``, so an
+importer never imports this dispatcher back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from edgemesh.errors import ConfigError, ModelNotFoundError
-from edgemesh.graph.manifest import SourceInfo
-
-Reference = Callable[[list[np.ndarray]], list[np.ndarray]]
-"""Inputs in graph order -> outputs in graph order, run by the source framework."""
+from edgemesh.graph.imported import Imported, ImportOptions
 
 FRAMEWORKS = ("pytorch", "tensorflow", "paddle", "onnx")
 EXTRAS = {
@@ -30,27 +23,6 @@ EXTRAS = {
     "paddle": "import-paddle",
     "onnx": "onnx",
 }
-
-
-@dataclass(frozen=True)
-class ImportOptions:
-    input_shapes: tuple[tuple[int, ...], ...] = ()
-    """Example input shapes (TorchScript, module:factory, Keras without fixed
-    shapes); a leading 1 becomes the dynamic batch axis when ``dynamic_batch``."""
-    opset: int = 17
-    dynamic_batch: bool = True
-
-
-@dataclass
-class Imported:
-    onnx_path: Path
-    source: SourceInfo
-    reference: Reference | None
-    """None for ONNX files: onnxruntime on the file itself is the reference."""
-    preprocessing: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    keep_alive: Any = None
-    """An object the reference needs alive (a loaded SavedModel owns its signatures' variables)."""
 
 
 def detect(spec: str) -> str:
