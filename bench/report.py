@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgemesh.bench.tables import missing, provenance, table
+
 log = logging.getLogger(__name__)
 
 BENCH = Path(__file__).resolve().parent
@@ -36,18 +38,6 @@ def _load(name: str) -> dict[str, Any] | None:
         return None
 
 
-def _provenance(result: dict[str, Any]) -> str:
-    machine = result.get("machine", "")
-    if isinstance(machine, dict):
-        machine = ", ".join(f"{k} {v}" for k, v in machine.items())
-    when = result.get("measured_at") or result.get("date") or ""
-    return f"\n_Command:_ `{result.get('command', '?')}`  \n_Machine:_ {machine} {when}\n"
-
-
-def _missing(command: str) -> str:
-    return f"\n_Not measured yet: run `{command}`._\n"
-
-
 def _plt() -> Any:
     import matplotlib
 
@@ -65,17 +55,6 @@ def _save(fig: Any, name: str) -> str:
     return f"\n![{name}](img/{name})\n"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-        return "—" if v is None else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n" + "\n".join(lines) + "\n"
-
-
 # -- figure 1: single box --------------------------------------------------
 
 
@@ -84,7 +63,7 @@ def figure_single() -> str:
     # single.json holds every engine of backends.json plus the HTTP path.
     result = _load("single") or _load("backends")
     if result is None:
-        return out + _missing("edgemesh bench single")
+        return out + missing("edgemesh bench single")
     ref = result["runs"]["llama-cpp-python"]["decode_tokens_per_s"]
     rows = []
     for name, run in result["runs"].items():
@@ -93,7 +72,7 @@ def figure_single() -> str:
             [name, run.get("precision"), tps, run.get("ttft_ms"), run.get("peak_rss_mb"),
              tps / ref if ref and tps else None]
         )  # fmt: skip
-    out += _table(
+    out += table(
         ["engine", "precision", "decode tok/s", "TTFT ms", "peak RSS MB", "× llama.cpp"], rows
     )
     out += (
@@ -109,7 +88,7 @@ def figure_single() -> str:
     ax.set_xlabel("decode tokens/s (higher is better)")
     ax.invert_yaxis()
     out += _save(fig, "single_box.png")
-    return out + _provenance(result)
+    return out + provenance(result)
 
 
 # -- figures 2 and 3: pipeline --------------------------------------------
@@ -120,11 +99,11 @@ def figure_pipeline() -> str:
     mesh = _load("mesh")
     result = _load("pipeline")
     if mesh is None and result is None:
-        return out + _missing("python -m edgemesh.bench.mesh")
+        return out + missing("python -m edgemesh.bench.mesh")
     if mesh and mesh.get("mesh_stages"):
         out += _mesh_stages(mesh)
     else:
-        out += _missing("python -m edgemesh.bench.mesh")
+        out += missing("python -m edgemesh.bench.mesh")
     if result is not None:
         out += _loopback_pipeline(result)
     return out
@@ -160,7 +139,7 @@ def _mesh_stages(mesh: dict[str, Any]) -> str:
             [f"{n} stage(s), mesh", layers, lat, lat / ref if ref and lat else None,
              s.get("per_hop_ms"), s.get("exact")]
         )  # fmt: skip
-    out += _table(
+    out += table(
         ["path", "layers", "ms/token", "× single box", "per-hop ms", "exact vs single box"], rows
     )
     hop = ms.get("hop_bytes_per_token", {})
@@ -177,7 +156,7 @@ def _mesh_stages(mesh: dict[str, Any]) -> str:
     ax.bar(labels, values, color=["#888888"] + ["#3b6fd8"] * len(stages))
     ax.set_ylabel("ms per token (lower is better)")
     out += _save(fig, "mesh_latency.png")
-    out += _provenance(mesh) + _load_line(mesh)
+    out += provenance(mesh) + _load_line(mesh)
     return out
 
 
@@ -188,7 +167,7 @@ def figure_throughput() -> str:
     out = "## 3. Throughput: aggregate tokens/s vs concurrent streams\n"
     result = _load("throughput")
     if result is None:
-        out += _missing("edgemesh bench throughput")
+        out += missing("edgemesh bench throughput")
     else:
         out += _one_box_throughput(result)
     # The mesh bench's run made for this figure (batched stages), else its last full run.
@@ -204,7 +183,7 @@ def figure_throughput() -> str:
         out += _throughput(
             stages, "mesh_throughput.png", ref_tok_s=mesh.get("single_box", {}).get("tok_s")
         )
-        out += _provenance(mesh) + _load_line(mesh)
+        out += provenance(mesh) + _load_line(mesh)
     return out
 
 
@@ -231,7 +210,7 @@ def _one_box_throughput(result: dict[str, Any]) -> str:
             )  # fmt: skip
     goals = result.get("goals_vs_1_stream", {})
     rows.append(["goal × 1 stream", *[goals.get(str(n), goals.get(n)) for n in streams]])
-    out += _table(["engine", *[f"{n} streams" for n in streams]], rows)
+    out += table(["engine", *[f"{n} streams" for n in streams]], rows)
     notes = []
     for name, r in engines.items():
         if "ttft_p50_16_vs_1" in r:
@@ -265,7 +244,7 @@ def _one_box_throughput(result: dict[str, Any]) -> str:
     ax.set_ylabel("aggregate decode tokens/s")
     ax.legend(fontsize=8)
     out += _save(fig, "throughput_one_box.png")
-    return out + _provenance(result) + _load_line(result)
+    return out + provenance(result) + _load_line(result)
 
 
 def _load_line(result: dict[str, Any]) -> str:
@@ -283,7 +262,7 @@ def _throughput(
     out = ""
     if ref_tok_s:
         out += f"\nSingle box in process, one stream: {ref_tok_s} tokens/s.\n"
-    out += _table(
+    out += table(
         ["stages", *[f"{c} streams tok/s" for c in streams], f"{streams[-1]} vs 1"],
         [
             [n, *[s.get(f"aggregate_tok_s_{c}") for c in streams], s.get("ratio_16_vs_1")]
@@ -315,7 +294,7 @@ def _loopback_pipeline(result: dict[str, Any]) -> str:
     for name in ("ray_actor_calls", "compiled_graph", "tcp_msgpack"):
         if name in plane:
             rows.append([name.replace("_", " "), plane[name].get("per_hop_ms")])
-    out += _table(["data plane", "ms per hop"], rows)
+    out += table(["data plane", "ms per hop"], rows)
     if payload:
         out += "\nBytes per token on the wire: " + ", ".join(
             f"{k.replace('_', ' ')} {v}" for k, v in payload.items()
@@ -331,10 +310,10 @@ def _loopback_pipeline(result: dict[str, Any]) -> str:
             rows.append(
                 [n, layers, tps, 1000 / tps if tps else None, tps / base if base and tps else None]
             )
-        out += _table(["stages", "layers", "single stream tok/s", "ms/token", "× 1 stage"], rows)
+        out += table(["stages", "layers", "single stream tok/s", "ms/token", "× 1 stage"], rows)
         out += "\nAggregate tokens/s vs concurrent streams, same run:\n"
         out += _throughput(stages, "throughput.png")
-    return out + _provenance(result)
+    return out + provenance(result)
 
 
 # -- figure 4: planner -----------------------------------------------------
@@ -346,7 +325,7 @@ def figure_planner() -> str:
     out = "## 4. Planner: predicted vs measured, and against simple splits\n"
     check = _load("planner_check")
     if check is None:
-        out += _missing("python -m edgemesh.bench.planner_check --model PKG")
+        out += missing("python -m edgemesh.bench.planner_check --model PKG")
     else:
         rows = [
             [r["box"], f"[{r['layers'][0]},{r['layers'][1]})", f"{r['backend']}/{r['precision']}",
@@ -356,7 +335,7 @@ def figure_planner() -> str:
         ]  # fmt: skip
         header = ["box (CPU quota)", "layers", "backend", "priced by", "predicted ms"]
         header += ["measured ms", "measured / predicted", "roofline ms", "measured / roofline"]
-        out += _table(header, rows)
+        out += table(header, rows)
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5.5, 3))
         xs = range(len(rows))
@@ -377,7 +356,7 @@ def figure_planner() -> str:
             f"median of {check.get('windows', '?')} windows' means, "
             f"{check.get('seconds', '?')} s each.\n"
         )
-        out += _provenance(check)
+        out += provenance(check)
     rows = []
     for r in scenario_report():
         if "error" in r:
@@ -389,7 +368,7 @@ def figure_planner() -> str:
         )  # fmt: skip
     out += "\nScenario set (`sharding/planner/scenarios.py`), predicted bottleneck per token:\n"
     header = ["scenario", "edgemesh ms", "memory-proportional ms", "equal split ms"]
-    out += _table([*header, "× vs memory-proportional"], rows)
+    out += table([*header, "× vs memory-proportional"], rows)
     out += "\n_Source:_ `edgemesh.sharding.planner.scenarios.scenario_report()` (cost model only)\n"
     return out
 
@@ -401,7 +380,7 @@ def figure_memory() -> str:
     out = "## 5. Memory: a model larger than any one box\n"
     result = _load("memory")
     if result is None:
-        return out + _missing("python -m edgemesh.bench.memory")
+        return out + missing("python -m edgemesh.bench.memory")
     w = result.get("weights_mb", {})
     out += (
         f"\nModel: {result.get('model')}, {result.get('precision')}, weights "
@@ -411,14 +390,14 @@ def figure_memory() -> str:
     rows = [
         [r["setup"], r.get("limit_mb"), r["outcome"], r.get("tokens_per_s")] for r in result["runs"]
     ]
-    out += _table(["setup", "memory limit per box (MB)", "outcome", "tokens/s"], rows)
+    out += table(["setup", "memory limit per box (MB)", "outcome", "tokens/s"], rows)
     mesh = result.get("mesh", {})
     if mesh.get("plan"):
         out += (
             "\nPlan (`edgemesh plan` over the workers, profiles at the box limit; the head keeps "
             "Ray, Serve and the gateway):\n"
         )
-        out += _table(
+        out += table(
             ["box", "layers", "planned MB", "limit MB"],
             [[s["box"], f"[{s['layers'][0]},{s['layers'][1]})", s["memory_mb"], s["limit_mb"]]
              for s in mesh["plan"]],
@@ -435,7 +414,7 @@ def figure_memory() -> str:
             f"OOM kills; router recoveries: {mesh.get('recoveries')}, stages moved from the "
             f"plan: {mesh.get('moved_from_plan')}:\n"
         )
-        out += _table(
+        out += table(
             ["box", "role", "process MB", "peak incl. cache MB", "limit MB", "OOM kills"],
             [[b["box"], b["role"], b.get("process_mb"),
               b.get("peak_cgroup_mb_incl_page_cache"), b["limit_mb"], b["oom_kills"]]
@@ -453,16 +432,16 @@ def figure_memory() -> str:
     planner = result.get("planner_one_box", {})
     if planner.get("api_error"):
         out += f"\nThe planner's refusal, verbatim:\n\n```\n{planner['api_error']}\n```\n"
-    return out + _provenance(result) + _load_line(result)
+    return out + provenance(result) + _load_line(result)
 
 
 def figure_mesh() -> str:
     out = "## 6. Mesh: from `edgemesh join` to the first token, and recovery\n"
     result = _load("mesh")
     if result is None:
-        return out + _missing("python -m edgemesh.bench.mesh")
+        return out + missing("python -m edgemesh.bench.mesh")
     seconds = result["seconds"]
-    out += _table(["event", "seconds"], [[k.replace("_", " "), v] for k, v in seconds.items()])
+    out += table(["event", "seconds"], [[k.replace("_", " "), v] for k, v in seconds.items()])
     rec = result.get("recovery")
     if rec:
         out += (
@@ -485,7 +464,7 @@ def figure_mesh() -> str:
         ax.invert_yaxis()
         ax.set_xlabel("seconds since `edgemesh join` started on 3 boxes")
         out += _save(fig, "mesh_timeline.png")
-    return out + _provenance(result) + _load_line(result)
+    return out + provenance(result) + _load_line(result)
 
 
 def figure_vision() -> str:

@@ -330,11 +330,11 @@ def _machine(threads: int) -> dict[str, Any]:
 
 def figure(result: dict[str, Any] | None) -> str:
     """The docs/BENCHMARKS.md section (called by ``report.render``)."""
-    from edgemesh.bench.report import _missing, _provenance, _table
+    from edgemesh.bench.tables import missing, provenance, table
 
     title = "\n## Graph models (vision): engines and precisions\n"
     if result is None:
-        return title + _missing("python -m edgemesh.bench.vision")
+        return title + missing("python -m edgemesh.bench.vision")
     parts = [
         title,
         (
@@ -378,7 +378,7 @@ def figure(result: dict[str, Any] | None) -> str:
         sizes = ", ".join(f"{p} {v['bytes'] / 1e6:.1f} MB" for p, v in m["precisions"].items())
         parts.append(f"\n### {name}\n\nImport {m['import_s']} s; package: {sizes}.\n")
         parts.append(
-            _table(
+            table(
                 [
                     "engine/precision",
                     "p50 ms",
@@ -390,7 +390,7 @@ def figure(result: dict[str, Any] | None) -> str:
                 rows,
             )
         )
-    parts.append(_provenance(result))
+    parts.append(provenance(result))
     parts.append(f"_Load average after the run:_ {' '.join(result.get('loadavg_after', []))}\n")
     machine = result.get("machine", {})
     seen = [*machine.get("loadavg_before", []), *result.get("loadavg_after", [])]
