@@ -97,6 +97,14 @@ def mesh_state_dir(mesh: str) -> Path:
     return explicit if explicit is not None else state_root() / mesh
 
 
+def serve_state_dir() -> Path:
+    """``edgemesh serve``'s state (its gateway's event log and job history):
+    ``$EDGEMESH_STATE_DIR`` if set, else ``state_root() / "serve"``. The mesh
+    gateway keeps them in the head's state folder instead."""
+    explicit = _env_path(STATE_ENV)
+    return explicit if explicit is not None else state_root() / "serve"
+
+
 def agent_state_dir() -> Path | None:
     """The state folder the box's agent exported to this process, if any."""
     return _env_path(STATE_ENV)

@@ -192,3 +192,77 @@ def test_the_mesh_gateway_checks_keys_it_only_knows_by_digest(live_server) -> No
         for wrong in ("other", digest, f"sha256:{digest}"):
             r = httpx.get(srv.url + "/api/overview", headers={"Authorization": f"Bearer {wrong}"})
             assert r.status_code == 401, wrong
+
+
+def test_event_log_is_saved_bounded_and_read_back(tmp_path: Path) -> None:
+    agent = tmp_path / "events.jsonl"  # the agent's own log: merged, never re-saved
+    agent.write_text(json.dumps({"kind": "join", "box_id": "pi-1", "at": 5.0}) + "\n")
+    log = EventLog(capacity=4)
+    assert log.persist(tmp_path) == 0
+    log.merge_agent_log(agent)
+    for i in range(11):
+        log.add("deploy", f"m{i}", model=f"m{i}")
+    saved = (tmp_path / "gateway-events.jsonl").read_text().splitlines()
+    # Rewritten at 2 x capacity lines: never more, and no merged agent event in it.
+    assert 4 <= len(saved) <= 8 and all('"join"' not in line for line in saved)
+    with open(tmp_path / "gateway-events.jsonl", "a") as f:
+        f.write('{"seq": 99, "kind": "dep')  # a gateway killed mid-write
+    again = EventLog(capacity=4)
+    assert again.persist(tmp_path) >= 4
+    got = again.since(0)
+    assert [e.message for e in got][-4:] == ["m7", "m8", "m9", "m10"]
+    assert got[-1].seq == log.last_seq  # numbering goes on where it stopped
+    assert again.add("undeploy", "after").seq == log.last_seq + 1
+
+
+def test_jobs_are_saved_and_a_running_one_comes_back_interrupted(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "gateway-jobs.json"
+    jobs = Jobs(path=path)
+    gate = threading.Event()
+    done = jobs.start("deploy", "a", lambda job: ("deployed a", {"n": 1}))
+    hung = jobs.start("replan", "b", lambda job: (gate.wait(30), ("never", None))[1])
+    deadline = time.monotonic() + 10
+    while done.state == "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # the save after the job finished
+    back = Jobs(path=path)  # the gateway restarted while "b" was running
+    gate.set()
+    assert back.get(done.id).to_dict() == done.to_dict()
+    lost = back.get(hung.id)
+    assert lost.state == "failed" and lost.error == "Interrupted" and "interrupted" in lost.message
+    assert [j.id for j in back.list()] == [hung.id, done.id]
+    back.start("undeploy", "b", lambda job: ("ok", None))  # no longer counted as running
+
+
+def test_a_restarted_gateway_still_shows_its_events_and_jobs(live_server, tmp_path: Path) -> None:
+    from edgemesh.gateway.manager import LocalManager
+
+    def app():
+        return create_app([], manager=LocalManager(state_dir=tmp_path))
+
+    from tests.fixtures.tiny_models import shared_tiny_package
+
+    package = shared_tiny_package("llama")
+    with live_server(app()) as srv:
+        r = httpx.post(srv.url + "/api/models", json={"package": str(tmp_path / "nothing")})
+        assert r.status_code == 404  # refused before a job: not in the history
+        # A two-stage plan on one box: the job starts, then fails (an "error" event).
+        two = {"stages": [{"box": "x"}, {"box": "y"}]}
+        r = httpx.post(srv.url + "/api/models", json={"package": str(package), "plan": two})
+        assert r.status_code == 202, r.text
+        job = r.json()["job"]
+        deadline = time.monotonic() + 60
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = httpx.get(srv.url + f"/api/jobs/{job['id']}").json()
+        assert job["state"] == "failed", job
+        first = httpx.get(srv.url + "/api/events").json()["events"]
+        assert [e["kind"] for e in first] == ["start", "error"]
+    with live_server(app()) as srv:
+        events = httpx.get(srv.url + "/api/events").json()["events"]
+        assert [e["kind"] for e in events] == ["start", "error", "start"]
+        assert events[:2] == first
+        (kept,) = httpx.get(srv.url + "/api/jobs").json()["jobs"]
+        assert kept == job

@@ -90,7 +90,7 @@ def command(
     """Serve a model from this box alone (OpenAI API: /v1/completions, /v1/chat/completions)."""
     import uvicorn
 
-    from edgemesh import models
+    from edgemesh import models, paths
     from edgemesh.gateway import create_app
     from edgemesh.gateway.manager import LocalManager
     from edgemesh.local import LocalOptions, load_service
@@ -119,7 +119,13 @@ def command(
         with user_errors():
             graphs[0] = _replica_set(graphs[0], replica, replicas)
     if graphs and model is None and not graph:
-        _serve(create_app([], api_keys=api_key or (), graphs=graphs), graphs, host, port, log_level)
+        app = create_app(
+            [],
+            api_keys=api_key or (),
+            graphs=graphs,
+            manager=LocalManager(state_dir=paths.serve_state_dir()),
+        )
+        _serve(app, graphs, host, port, log_level)
         return
     with user_errors():
         source = models.resolve(model)
@@ -139,7 +145,10 @@ def command(
         [service],
         api_keys=api_key or (),
         graphs=graphs,
-        manager=LocalManager(_local_options(threads, context, max_sequences, max_queue)),
+        manager=LocalManager(
+            _local_options(threads, context, max_sequences, max_queue),
+            state_dir=paths.serve_state_dir(),
+        ),
     )
     _warn_if_open(host, api_key)
     runtime = "/".join(str(service.info[k]) for k in ("backend", "precision") if k in service.info)

@@ -178,12 +178,14 @@ function renderModels() {
       <td><b>${esc(p.name)}</b><div class="muted small">${esc(p.path)}</div></td><td>${esc(p.box)}</td><td>${esc(p.kind)}</td>
       <td>${p.num_layers ?? "—"}</td><td>${p.context_length ?? "—"}</td><td>${esc((p.precisions || []).join(", "))}</td>
       <td>${bytes(p.size_bytes)}</td><td>${esc((p.deployed_as || []).join(", "))}</td>
-      <td>${p.kind === "llm" ? `<button class="primary" data-act="plan" data-index="${i}">Plan…</button>` : ""}</td></tr>`).join("")
+      <td>${p.kind === "llm" ? `<button class="primary" data-act="plan" data-index="${i}">Plan…</button>`
+        : (p.deployed_as || []).length ? "" : `<button class="primary" data-act="deploy-graph" data-index="${i}">Deploy</button>`}</td></tr>`).join("")
     || '<tr><td colspan="9" class="muted">No packages found (convert one with edgemesh convert, into ~/.cache/edgemesh/packages or $EDGEMESH_PACKAGES).</td></tr>';
   $("graphs").innerHTML = state.graphs.length ? `<h2>Graph (vision) models over /v2</h2><table class="grid"><thead><tr>
-      <th>model</th><th>platform</th><th>inputs</th><th>outputs</th><th>backend</th></tr></thead><tbody>${state.graphs.map(g =>
+      <th>model</th><th>platform</th><th>inputs</th><th>outputs</th><th>backend</th><th></th></tr></thead><tbody>${state.graphs.map(g =>
       `<tr><td>${esc(g.name)}</td><td>${esc(g.platform || "")}</td><td class="small">${esc((g.inputs || []).map(t => `${t.name} ${t.datatype || ""}[${(t.shape || []).join(",")}]`).join("; "))}</td>
-       <td class="small">${esc((g.outputs || []).map(t => t.name).join(", "))}</td><td>${esc(g.backend || "")}${g.precision ? "/" + esc(g.precision) : ""}</td></tr>`).join("")}</tbody></table>` : "";
+       <td class="small">${esc((g.outputs || []).map(t => t.name).join(", "))}</td><td>${esc(g.backend || "")}${g.precision ? "/" + esc(g.precision) : ""}</td>
+       <td><button class="danger" data-act="undeploy" data-model="${esc(g.served_as || g.name)}">Undeploy</button></td></tr>`).join("")}</tbody></table>` : "";
 }
 
 async function planPackage(index) {
@@ -212,6 +214,15 @@ async function deployPlan() {
   } catch (e) { showError(e); }
 }
 
+async function deployGraph(index) {
+  // A graph model runs whole on its box: no plan; the box picks the engine and precision.
+  const p = state.packages[index];
+  try {
+    const r = await api("api/models", {method: "POST", body: JSON.stringify({package: p.path, box: p.box})});
+    trackJob(r.job);
+  } catch (e) { showError(e); }
+}
+
 async function modelAction(act, name) {
   try {
     if (act === "undeploy") {
@@ -226,9 +237,13 @@ async function modelAction(act, name) {
     panel.innerHTML = `<h2>Re-plan ${esc(name)}</h2>
       <h3 class="small">now</h3>${r.current ? planTable(r.current) : '<p class="muted">no recorded plan</p>'}
       <h3 class="small">proposed</h3>${planTable(r.proposed)}
+      <p class="small ${r.live ? "muted" : "bad"}" id="replan-effect">${r.live
+        ? "Applying moves the stages live: running streams pause, then go on (replayed onto the new stages)."
+        : "Applying deploys the model again on this plan: its running streams are cut (clients get an error and must retry)."}</p>
       <button class="primary" id="replan-go">Apply the proposed plan</button> <button id="plan-cancel">Cancel</button>`;
     $("plan-cancel").onclick = () => { panel.hidden = true; };
     $("replan-go").onclick = async () => {
+      if (!r.live && !confirm(`Deploy ${name} again on the new plan? Its running streams will be cut.`)) return;
       try {
         const j = await api(`api/models/${encodeURIComponent(name)}/replan`, {method: "POST", body: JSON.stringify({apply: true, plan: r.proposed})});
         panel.hidden = true; trackJob(j.job);
@@ -425,6 +440,7 @@ document.addEventListener("click", ev => {
   const act = t.dataset.act;
   if (act === "drain" || act === "undrain" || act === "remove") boxAction(act, t.dataset.box);
   if (act === "plan") planPackage(Number(t.dataset.index));
+  if (act === "deploy-graph") deployGraph(Number(t.dataset.index));
   if (act === "undeploy" || act === "replan") modelAction(act, t.dataset.model);
   if (t.id === "add-box") showJoin();
 });

@@ -9,7 +9,6 @@ Starlette's thread pool, never on the event loop.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -18,17 +17,17 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgemesh.errors import RequestError
+from edgemesh.gateway.body import parse_json, read_body
 from edgemesh.gateway.events import EventLog
 from edgemesh.gateway.history import History
 from edgemesh.gateway.manager import LocalManager, Manager
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    body = json.loads(raw or b"{}")
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object", code="invalid_json")
-    return body
+    # Read and parsed as the OpenAI routes' bodies are (size cap, strict UTF-8,
+    # bounded nesting): a bad body is a 400, never a 500. Empty means {}.
+    raw = await read_body(request)
+    return parse_json(raw or b"{}")
 
 
 def _str(body: dict[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -182,5 +181,8 @@ def _graphs(app: FastAPI) -> list[dict[str, Any]]:
         for key in ("backend", "precision"):
             value = getattr(choice, key, None) if choice is not None else getattr(g, key, None)
             meta.setdefault(key, value if isinstance(value, str) or value is None else str(value))
+        root = getattr(g, "root", None)  # the package folder, so the page can undeploy it
+        meta["path"] = str(root) if root is not None else None
+        meta["served_as"] = getattr(g, "name", meta.get("name"))
         out.append(meta)
     return out

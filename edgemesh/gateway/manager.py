@@ -5,6 +5,9 @@ manager. ``LocalManager`` is ``edgemesh serve``'s: the box is the whole
 site, a deploy opens the package in this process (the planner's choice of
 backend and precision for this box), an undeploy closes it.
 ``edgemesh.gateway.mesh_manager.MeshManager`` is the mesh gateway's.
+On one box a graph (vision) package deploys too: it is opened with the
+engine and precision ``edgemesh serve --model DIR`` would pick and served
+over ``/v2`` beside the LLMs (``app.state.graphs``); it has no plan.
 
 Actions that take long run as jobs (``edgemesh.gateway.jobs``) and leave an
 event (``edgemesh.gateway.events``) whether they succeed or fail.
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from edgemesh import __version__
 from edgemesh.errors import ConflictError, EdgemeshError, NotFoundError
 from edgemesh.gateway.events import EventLog
-from edgemesh.gateway.jobs import Job, Jobs
+from edgemesh.gateway.jobs import JOBS_FILE, Job, Jobs
 from edgemesh.gateway.packages import describe, find_packages
 
 if TYPE_CHECKING:
@@ -100,11 +103,17 @@ class Manager:
     """The actions shared by every gateway; subclasses say what they mean there."""
 
     mode = "single"
+    state_dir: Path | None = None
+    """Where the event log and the job history are kept across restarts
+    (None: in memory only)."""
 
     def attach(self, app: FastAPI) -> None:
         self.app = app
         self.events: EventLog = app.state.events
-        self.jobs = Jobs(on_fail=self._failed)
+        folder = self.state_dir
+        if folder is not None:
+            self.events.persist(folder)
+        self.jobs = Jobs(on_fail=self._failed, path=folder / JOBS_FILE if folder else None)
 
     def _failed(self, job: Job, exc: Exception) -> None:
         self.events.add(
@@ -189,6 +198,15 @@ class Manager:
         return self.services[name]
 
 
+def _graph_view(service: Any) -> dict[str, Any]:
+    choice = getattr(service, "choice", None)
+    return {
+        "backend": getattr(choice, "backend", None),
+        "precision": getattr(choice, "precision", None),
+        "path": str(getattr(service, "root", "")) or None,
+    }
+
+
 def _single_box(what: str) -> ConflictError:
     return ConflictError(
         f"this gateway serves one box (edgemesh serve), which cannot be {what}: there is "
@@ -213,10 +231,13 @@ class LocalManager(Manager):
 
     mode = "single"
 
-    def __init__(self, options: LocalOptions | None = None) -> None:
+    def __init__(
+        self, options: LocalOptions | None = None, *, state_dir: Path | None = None
+    ) -> None:
         from edgemesh.local import LocalOptions
 
         self.options = options or LocalOptions()
+        self.state_dir = state_dir
 
     def boxes(self) -> dict[str, Any]:
         from edgemesh.gateway.dashboard import local_box
@@ -242,15 +263,30 @@ class LocalManager(Manager):
             row["live_error"] = f"{type(exc).__name__}: {exc}"
         return {"boxes": [row], "lost": []}
 
+    @property
+    def graphs(self) -> dict[str, Any]:
+        """Graph models served over /v2 (``edgemesh.gateway.oip``'s table)."""
+        graphs = getattr(self.app.state, "graphs", None)
+        if graphs is None:
+            graphs = self.app.state.graphs = {}
+        return graphs
+
+    def _paths(self) -> dict[str, str]:
+        """Served name -> package folder, LLMs and graphs alike."""
+        out = {n: str(s.info.get("path")) for n, s in self.services.items() if s.info.get("path")}
+        for n, g in self.graphs.items():
+            root = getattr(g, "root", None)
+            if root is not None:
+                out[n] = str(Path(root).resolve())
+        return out
+
     def packages(self) -> dict[str, Any]:
         here = self.box_id()
-        deployed = [s.info.get("path") for s in self.services.values() if s.info.get("path")]
-        found = find_packages(p for p in deployed if p and Path(p).is_dir())
+        served = self._paths()
+        found = find_packages(p for p in served.values() if p and Path(p).is_dir())
         for p in found:
             p["box"] = here
-            p["deployed_as"] = [
-                n for n, s in self.services.items() if s.info.get("path") == p["path"]
-            ]
+            p["deployed_as"] = sorted(n for n, path in served.items() if path == p["path"])
         return {"packages": found, "errors": {}}
 
     def join_info(self) -> dict[str, Any]:
@@ -293,15 +329,41 @@ class LocalManager(Manager):
     def deploy(self, package: str, *, box: str | None, name: str | None, plan: dict | None) -> Job:
         info = _package(package)
         name = name or info["name"]
-        if name in self.services:
+        if name in self.services or name in self.graphs:
             raise ConflictError(
                 f"a model named '{name}' is already served; undeploy it first or pick another name",
                 param="name",
                 code="model_exists",
             )
-        if info["kind"] != "llm":
-            self.plan(package)  # raises the graph model's explanation
+        if info["kind"] == "graph":
+            if plan is not None:
+                raise ConflictError(
+                    f"'{info['name']}' is a graph model: it runs whole on this box, "
+                    "there is no plan to give; deploy it without one",
+                    param="plan",
+                    code="invalid_plan",
+                )
+            return self.jobs.start("deploy", name, lambda job: self._deploy_graph(info, name, job))
         return self.jobs.start("deploy", name, lambda job: self._deploy(info, name, plan))
+
+    def _deploy_graph(self, info: dict, name: str, job: Job) -> tuple[str, Any]:
+        from edgemesh.graph.service import GraphServeOptions, load_graph_service
+
+        job.message = "choosing the engine and precision (may compile)"
+        service = load_graph_service(
+            info["path"], GraphServeOptions(name=name, threads=self.options.limits.threads)
+        )
+        if name in self.graphs or name in self.services:  # deployed twice at once
+            service.close()
+            raise ConflictError(f"'{name}' was deployed meanwhile", code="model_exists")
+        self.graphs[name] = service
+        choice = service.choice
+        msg = (
+            f"deployed graph '{name}' on {self.box_id()}: {choice.backend}/{choice.precision} "
+            f"({choice.reason}); served on /v2/models/{name}"
+        )
+        self.events.add("deploy", msg, model=name, box=self.box_id())
+        return msg, {"name": name, "kind": "graph", **_graph_view(service)}
 
     def _deploy(self, info: dict, name: str, plan: dict | None) -> tuple[str, Any]:
         from edgemesh.local import load_package_service
@@ -331,6 +393,8 @@ class LocalManager(Manager):
         return msg, model_view(name, service, self.box_id())
 
     def undeploy(self, name: str) -> Job:
+        if name in self.graphs:
+            return self.jobs.start("undeploy", name, lambda job: self._undeploy_graph(name))
         self._service(name)
         return self.jobs.start("undeploy", name, lambda job: self._undeploy(name))
 
@@ -340,6 +404,15 @@ class LocalManager(Manager):
             raise NotFoundError(f"'{name}' is no longer served", code="model_not_found")
         service.close()
         msg = f"undeployed '{name}'"
+        self.events.add("undeploy", msg, model=name, box=self.box_id())
+        return msg, None
+
+    def _undeploy_graph(self, name: str) -> tuple[str, Any]:
+        service = self.graphs.pop(name, None)
+        if service is None:
+            raise NotFoundError(f"'{name}' is no longer served", code="model_not_found")
+        service.close()
+        msg = f"undeployed graph '{name}' (/v2/models/{name})"
         self.events.add("undeploy", msg, model=name, box=self.box_id())
         return msg, None
 
