@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemesh import paths
-from edgemesh.errors import ModelNotFoundError, NotFoundError
+from edgemesh.errors import ModelNotFoundError, NotFoundError, UnsupportedModelError
 from edgemesh.gateway.manager import this_box_live
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,12 @@ def find_packages_here(extra: list[str]) -> list[dict[str, Any]]:
 
 def read_manifest(path: str) -> bytes:
     manifest = Path(path) / "manifest.json"
+    if not manifest.exists() and (Path(path) / "graph.json").exists():
+        raise UnsupportedModelError(
+            f"'{path}' is a graph (vision) package; the mesh gateway deploys LLM packages",
+            hint="serve it on one box from that box's page (edgemesh serve), or with "
+            "`edgemesh serve --model DIR --replica http://BOX:PORT ...` over several boxes",
+        )
     try:
         return manifest.read_bytes()
     except OSError as exc:

@@ -94,6 +94,9 @@ class PlanPlacer:
         self.package_dir = package_dir
         self.stage_defaults = dict(stage_defaults or {})
         self.margin = REPLAN_MARGIN
+        self.excluded: frozenset[str] = frozenset()
+        """Drained boxes (the dashboard's Drain): left out of every re-plan,
+        after a join or a loss alike, even while they stay alive."""
         self._considered = frozenset(self.profiled()) | {st.box for st in plan.stages}
         """Boxes the current plan was chosen from (a join re-plans only when this
         grows): every box profiled at deploy time, including those the plan left
@@ -128,13 +131,26 @@ class PlanPlacer:
     def profiled(self) -> set[str]:
         return {_box_id(p) for p in self.profiles}
 
+    def exclude(self, boxes: set[str] | frozenset[str]) -> None:
+        """Leave ``boxes`` (drained) out of later plans; an empty set undrains."""
+        self.excluded = frozenset(boxes)
+
+    def adopt(self, plan: Any) -> list[StageSpec]:
+        """Make ``plan`` the current one (a re-plan applied from the dashboard);
+        returns its stages for ``RayPipeline.move``."""
+        self.plan = plan
+        self._considered = frozenset(self.profiled() - self.excluded) | {
+            st.box for st in plan.stages
+        }
+        return self.specs(plan)
+
     def after_join(self, alive: set[str]) -> list[StageSpec] | None:
         """A re-plan over every ``alive`` profiled box, adopted only when its
         bottleneck beats the current plan's by ``margin`` (see ``REPLAN_MARGIN``);
         among plans within the planner's tolerance it moves the fewest layers."""
         from edgemesh.sharding.planner.replan import replan
 
-        ids = frozenset(alive & self.profiled())
+        ids = frozenset((alive - self.excluded) & self.profiled())
         if ids <= self._considered:
             self._considered = ids | frozenset(st.box for st in self.plan.stages)
             return None  # nothing new (or only departures, which after_loss handles)
@@ -173,6 +189,7 @@ class PlanPlacer:
         return left, [ln for ln in self.links if _link_ends(ln) <= set(ids)]
 
     def after_loss(self, alive: set[str]) -> list[StageSpec]:
+        alive = alive - self.excluded
         if all(st.box in alive for st in self.plan.stages):
             return self.specs(self.plan)
         from edgemesh.sharding.planner.replan import replan

@@ -283,6 +283,20 @@ class RayPipeline:
         self._recover(planned=specs)
         return True
 
+    def move(self, specs: list[StageSpec]) -> bool:
+        """Move to ``specs`` (a re-plan or a drain from the dashboard) the way
+        a join does: launches pause, in-flight micro-batches finish, the new
+        stages start, live sequences are replayed onto them, launches resume;
+        no stream is cut. Returns False when the pipeline is busy recovering,
+        broken or closed (nothing moved)."""
+        with self._cond:
+            if self._recovering or self._broken is not None or self._closed:
+                return False
+            self._recovering = True
+        self._recover(planned=specs)
+        with self._cond:
+            return self._broken is None
+
     # -- recovery -----------------------------------------------------------
 
     def _recover(self, planned: list[StageSpec] | None = None) -> None:
