@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,12 +134,14 @@ def install(app: FastAPI, graphs: Sequence[Any] = ()) -> None:
         except EdgemeshError as exc:
             return oip_error(exc)
 
+    # In /openapi.json (edgemesh.gateway.openapi adds the infer body), so clients
+    # and the fuzz test see them.
     for prefix in ("/v2/models/{m}", "/v2/models/{m}/versions/{v}"):
-        app.add_api_route(prefix, metadata, methods=["GET"], include_in_schema=False)
-        app.add_api_route(prefix + "/ready", model_ready, methods=["GET"], include_in_schema=False)
-        app.add_api_route(prefix + "/config", config, methods=["GET"], include_in_schema=False)
-        app.add_api_route(prefix + "/infer", infer, methods=["POST"], include_in_schema=False)
-    app.add_api_route("/v2/models/{m}/stats", stats, methods=["GET"], include_in_schema=False)
+        app.add_api_route(prefix, metadata, methods=["GET"])
+        app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
+        app.add_api_route(prefix + "/config", config, methods=["GET"])
+        app.add_api_route(prefix + "/infer", infer, methods=["POST"])
+    app.add_api_route("/v2/models/{m}/stats", stats, methods=["GET"])
 
 
 def _stats(g: Any) -> dict[str, Any]:
@@ -204,12 +207,19 @@ def parse_infer(
             param="binary_data_size",
         )
     params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise TensorError("the request's parameters must be an object", param="parameters")
     default_binary = bool(params.get("binary_data_output", False))
     wanted: dict[str, bool] = {}
-    for out in header.get("outputs") or []:
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise TensorError("'outputs' must be a list", param="outputs")
+    for out in outputs:
         if not isinstance(out, dict) or "name" not in out:
             raise TensorError("each requested output needs a 'name'", param="outputs")
         p = out.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise TensorError("an output's parameters must be an object", param="outputs")
         if "classification" in p:
             raise TensorError("the classification extension is not supported", param="outputs")
         wanted[str(out["name"])] = bool(p.get("binary_data", default_binary))
@@ -223,15 +233,22 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[np.ndarray, in
     name = str(tensor["name"])
     try:
         shape = tuple(int(d) for d in tensor["shape"])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 in the JSON
         raise TensorError(f"input '{name}': shape must be a list of integers", param=name) from None
     if any(d < 0 for d in shape):
         raise TensorError(f"input '{name}': shape {list(shape)} has a negative axis", param=name)
     dtype = numpy_dtype(str(tensor["datatype"])).newbyteorder("<")
-    count = int(np.prod(shape, dtype=np.int64))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)  # a Python int: no int64 wrap-around on absurd shapes
+    params = tensor.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise TensorError(f"input '{name}': parameters must be an object", param=name)
+    size = params.get("binary_data_size")
     if size is not None:
-        size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TensorError(
+                f"input '{name}': binary_data_size must be an integer, got {size!r}"[:200],
+                param=name,
+            )
         if size != count * dtype.itemsize:
             raise TensorError(
                 f"input '{name}': binary_data_size is {size} bytes but shape {list(shape)} of "
@@ -250,7 +267,7 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[np.ndarray, in
         raise TensorError(f"input '{name}' has neither 'data' nor binary_data_size", param=name)
     try:
         array = np.asarray(tensor["data"], dtype=dtype.newbyteorder("="))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # Overflow: 1000 as INT8
         raise TensorError(f"input '{name}': data is not {tensor['datatype']}: {exc}") from None
     if array.size != count:
         raise TensorError(

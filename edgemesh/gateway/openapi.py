@@ -22,6 +22,11 @@ BODIES: dict[str, type[BaseModel]] = {
     "/v1/embeddings": schemas.EmbeddingRequest,
     "/tokenize": schemas.TokenizeRequest,
     "/detokenize": schemas.DetokenizeRequest,
+    "/api/plan": schemas.PlanBody,
+    "/api/models": schemas.DeployBody,
+    "/api/models/{name}/replan": schemas.ReplanBody,
+    "/v2/models/{m}/infer": schemas.InferBody,
+    "/v2/models/{m}/versions/{v}/infer": schemas.InferBody,
 }
 _ERROR = {
     "type": "object",
@@ -61,6 +66,13 @@ def install(app: FastAPI) -> None:
                 # The models this gateway serves: what a client (or a fuzzer) may name.
                 props["model"] = {**props["model"], "enum": names}
         components["Error"] = _ERROR
+        graphs = sorted(getattr(app.state, "graphs", None) or {})
+        for path, item in doc.get("paths", {}).items():
+            for op in item.values():
+                for param in op.get("parameters", []) if isinstance(op, dict) else []:
+                    if path.startswith("/v2/models/{m}") and param.get("name") == "m" and graphs:
+                        # The graph models served here, as for the LLMs' `model`.
+                        param["schema"] = {**param.get("schema", {}), "enum": graphs}
         for path, model in BODIES.items():
             op = doc.get("paths", {}).get(path, {}).get("post")
             if op is None:

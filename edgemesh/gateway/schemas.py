@@ -276,3 +276,56 @@ class DetokenizeRequest(BaseModel):
     model_config = _STRICT
     tokens: TokenIds
     model: str | None = None
+
+
+# -- the bodies of the /api management routes and of /v2 infer ------------------
+# The handlers parse these bodies themselves (edgemesh.gateway.manage, .oip);
+# the models describe them in /openapi.json for clients and the fuzz test.
+
+
+class PlanBody(BaseModel):
+    """``POST /api/plan``: plan ``package`` over the boxes (docs/API.md)."""
+
+    package: str = Field(description="a package folder on the box")
+    box: str | None = None
+    name: str | None = None
+
+
+class DeployBody(BaseModel):
+    """``POST /api/models``: deploy ``package`` (optionally with a plan from /api/plan)."""
+
+    package: str
+    box: str | None = None
+    name: str | None = None
+    plan: dict[str, Any] | None = None
+
+
+class ReplanBody(BaseModel):
+    """``POST /api/models/{name}/replan``: propose a new plan, or apply one."""
+
+    apply: bool = False
+    plan: dict[str, Any] | None = None
+
+
+class InferTensor(BaseModel):
+    """One input of a KServe v2 infer request, JSON form."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferOutputRequest(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferBody(BaseModel):
+    """``POST /v2/models/{m}/infer`` (the JSON form; a binary tail is also taken)."""
+
+    id: str | None = None
+    inputs: list[InferTensor]
+    outputs: list[InferOutputRequest] | None = None
+    parameters: dict[str, Any] | None = None
