@@ -6,11 +6,13 @@ tools are rendered by the template itself."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
@@ -97,3 +99,92 @@ def test_json_schema_and_tool_calls_on_each_backend(client: openai.OpenAI) -> No
     (call,) = calls.choices[0].message.tool_calls
     assert call.function.name == "pick"
     jsonschema.validate(json.loads(call.function.arguments), TOOL["function"]["parameters"])
+
+
+def _reference_embedding(package: Path, ids: list[int]) -> np.ndarray:
+    """The torch source model's last hidden state (after its final norm),
+    mean-pooled and L2-normalised: what /v1/embeddings states it returns."""
+    import torch
+    import transformers
+
+    from tests.fixtures.tiny_models import hf_model_dir
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_model_dir(package), dtype=torch.float32
+    )
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids])).last_hidden_state[0]  # [S, H]
+    vec = hidden.mean(dim=0).numpy()  # [H]
+    return vec / np.linalg.norm(vec)
+
+
+def test_embeddings_of_a_package_match_the_torch_model(
+    client: openai.OpenAI, package: Path
+) -> None:
+    from edgemesh.sharding.package.folder import open_package
+
+    pkg = open_package(package)
+    hidden = pkg.manifest.hidden_size
+    tok = pkg.tokenizer()
+    texts = ["the cat sat on the mat", "quantum flux", "a"]
+    ids = [tok.encode(t) for t in texts]
+    out = client.embeddings.create(model="tiny", input=texts)
+    assert [d.index for d in out.data] == [0, 1, 2]
+    assert out.usage.prompt_tokens == sum(len(i) for i in ids)
+    got = [np.array(d.embedding, np.float32) for d in out.data]
+    for vec, seq in zip(got, ids, strict=True):
+        assert vec.shape == (hidden,)
+        np.testing.assert_allclose(vec, _reference_embedding(package, seq), atol=1e-4)
+    # Deterministic, and the same whether sent alone, as token ids or in a list.
+    again = client.embeddings.create(model="tiny", input=ids[1])
+    np.testing.assert_allclose(np.array(again.data[0].embedding), got[1], atol=1e-6)
+    # base64 carries the same float32 values; `dimensions` truncates and re-normalises.
+    b64 = client.embeddings.create(model="tiny", input=texts[0], encoding_format="base64")
+    raw = np.frombuffer(base64.b64decode(b64.data[0].embedding), "<f4")  # type: ignore[arg-type]
+    np.testing.assert_array_equal(raw, got[0])
+    short = client.embeddings.create(model="tiny", input=texts[0], dimensions=16)
+    want = got[0][:16] / np.linalg.norm(got[0][:16])
+    np.testing.assert_allclose(np.array(short.data[0].embedding), want, atol=1e-6)
+
+
+def test_embeddings_while_every_slot_generates(client: openai.OpenAI) -> None:
+    """A pooled pass takes no KV slot: embeddings are served while all four
+    sequence slots are busy generating, and generation is unharmed."""
+    import concurrent.futures as cf
+
+    def generate() -> str | None:
+        out = client.completions.create(
+            model="tiny", prompt="hi", max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return out.choices[0].finish_reason
+
+    idle = client.embeddings.create(model="tiny", input="the cat").data[0].embedding
+    with cf.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(generate) for _ in range(4)]
+        busy = [client.embeddings.create(model="tiny", input="the cat") for _ in range(3)]
+        reasons = [s.result() for s in streams]
+    assert reasons == ["length"] * 4
+    for out in busy:
+        assert out.data[0].embedding == pytest.approx(idle, abs=1e-5)
+
+
+def test_a_seeded_request_alone_repeats_exactly(client: openai.OpenAI) -> None:
+    """What `seed` guarantees (docs/GATEWAY.md): the same request with the same
+    seed, running alone, gives the same text and the same logprobs, bit for bit
+    (with other requests in the batch it is best effort, as OpenAI's)."""
+    kw = {
+        "model": "tiny",
+        "prompt": "the cat",
+        "max_tokens": 32,
+        "temperature": 1.0,
+        "seed": 7,
+        "logprobs": 0,
+        "n": 2,
+        "extra_body": {"ignore_eos": True},
+    }
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    for a, b in zip(first.choices, again.choices, strict=True):
+        assert a.text == b.text
+        assert a.logprobs.token_logprobs == b.logprobs.token_logprobs
+    assert first.choices[0].text != first.choices[1].text  # sample j uses seed + j

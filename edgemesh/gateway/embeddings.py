@@ -167,3 +167,17 @@ def pooled_embedder(
             code="embeddings_unsupported",
         )
     return PipelineEmbedder(run, dimensions=dimensions, context_length=context_length)
+
+
+def pipeline_embedder(pipe: Any, dimensions: int, context_length: int) -> PipelineEmbedder:
+    """The embedder of a package's serving pipeline: through the mesh's stages
+    (``RayPipeline.pooled``: the last stage pools, it holds the final norm) or
+    in process (``LocalPipeline.forward``, whose last backend says whether it
+    can pool)."""
+    pooled = getattr(pipe, "pooled", None)
+    if pooled is not None:
+        return pooled_embedder(pooled, dimensions, context_length)
+    last = pipe.backends[-1]
+    return pooled_embedder(
+        pipe.forward, dimensions, context_length, bool(getattr(last, "can_pool", False))
+    )
