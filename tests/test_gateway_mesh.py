@@ -50,6 +50,7 @@ TOOL = {
 @pytest.fixture(scope="module")
 def mesh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelService]:
     ray = pytest.importorskip("ray")
+    from edgemesh.gateway.embeddings import pipeline_embedder
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.sharding.package.folder import open_package
 
@@ -78,7 +79,14 @@ def mesh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServ
         pipe = RayPipeline(StaticPlacer(specs), (package / "manifest.json").read_bytes())
         tok = open_package(package).tokenizer()
         engine = Engine(pipe, tok, EngineConfig(context_length=512, max_sequences=8))
-        svc = ModelService("tiny-mesh", engine, tok, info={"stages": pipe.describe()})
+        hidden = open_package(package).manifest.hidden_size
+        svc = ModelService(
+            "tiny-mesh",
+            engine,
+            tok,
+            info={"stages": pipe.describe()},
+            embedder_factory=lambda: pipeline_embedder(pipe, hidden, 512),
+        )
         yield svc
         svc.close()
     finally:
@@ -103,7 +111,9 @@ def test_structured_output_and_logprobs_through_two_stages(
     out = c.chat.completions.create(
         model="tiny-mesh",
         messages=[{"role": "user", "content": "JSON please"}],
-        max_tokens=60,
+        # SCHEMA's longest reply: an 8-character word of \uXXXX escapes (48 bytes)
+        # plus 21 bytes of the rest; a token is at least a byte, so 80 always fits.
+        max_tokens=80,
         temperature=1.5,
         n=4,
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
@@ -116,6 +126,9 @@ def test_structured_output_and_logprobs_through_two_stages(
         messages=[{"role": "user", "content": "look up b"}],
         tools=[TOOL],
         tool_choice="required",
+        # One call is ~60 bytes; at temperature 1 the model may call again and again
+        # ("required" is one or more calls): the grammar ends the reply at a call's
+        # end while 150 tokens still hold one (grammar.Constraint), never mid-call.
         max_tokens=150,
         temperature=1.0,
     )
@@ -141,3 +154,33 @@ def test_structured_output_and_logprobs_through_two_stages(
         if s.name.endswith("_total")
     }
     assert hops["0->1"] > 0 and hops["gateway->0"] > 0
+
+
+def test_embeddings_through_two_stages_match_the_torch_model(
+    client: tuple[openai.OpenAI, str], mesh_service: ModelService
+) -> None:
+    """The first stage runs the pooled pass through its layer, the last pools
+    its final norm's rows: the vector is the torch model's mean-pooled last
+    hidden state (normalised), and the pass leaves no sequence behind."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from tests.fixtures.tiny_models import hf_model_dir
+
+    c, _ = client
+    ids = mesh_service.tokenizer.encode("the cat sat on the mat")
+    out = c.embeddings.create(model="tiny-mesh", input=[ids, ids[:2]])
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_model_dir(shared_tiny_package("qwen3")), dtype=torch.float32
+    )
+    for data, seq in zip(out.data, [ids, ids[:2]], strict=True):
+        with torch.no_grad():
+            hidden = model.model(torch.tensor([seq])).last_hidden_state[0].mean(dim=0).numpy()
+        np.testing.assert_allclose(
+            np.array(data.embedding), hidden / np.linalg.norm(hidden), atol=1e-4
+        )
+    again = c.embeddings.create(model="tiny-mesh", input=ids)
+    assert again.data[0].embedding == pytest.approx(out.data[0].embedding, abs=1e-6)
+    pipe = mesh_service.engine.pipeline
+    assert not any(sid < 0 for sid in pipe._history)  # pooled passes are not replayed
