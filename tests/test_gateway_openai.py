@@ -67,7 +67,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def service(default_gguf: Path) -> Iterator[ModelService]:
     svc = load_service(
         ModelSource(M, default_gguf, "gguf"),
-        LocalOptions(threads=2, context_length=384, max_sequences=4, max_queue=16),
+        # 512: the tools' system message (~200 tokens) plus a tool reply's longest form.
+        LocalOptions(threads=2, context_length=512, max_sequences=4, max_queue=16),
     )
     yield svc
     svc.close()
