@@ -132,11 +132,19 @@ def test_each_box_times_its_engine_at_load(package: Path) -> None:
         service.close()
 
 
-def test_deploy_of_a_graph_package_says_what_to_run_instead(package: Path, tmp_path: Path) -> None:
+def test_deploy_of_a_graph_package_refuses_llm_options_before_touching_the_mesh(
+    package: Path, tmp_path: Path
+) -> None:
+    """Bad input is refused up front (no mesh runs here, so nothing else could answer);
+    the deploy itself is tests/test_graph_deploy_netns.py."""
     from typer.testing import CliRunner
 
     from edgemesh.cli import app
 
-    result = CliRunner().invoke(app, ["deploy", str(package), "--state-dir", str(tmp_path)])
+    run = lambda *a: CliRunner().invoke(app, ["deploy", str(package), *a])  # noqa: E731
+    result = run("--state-dir", str(tmp_path), "--plan", str(tmp_path / "plan.json"))
     assert result.exit_code == 1
-    assert "is a graph package" in result.output and "--replica" in result.output
+    assert "--boxes and --plan are for LLM packages" in result.output
+    for bad in ("0", "two"):
+        result = run("--state-dir", str(tmp_path), "--replicas", bad)
+        assert result.exit_code == 1 and "--replicas must be 'auto'" in result.output

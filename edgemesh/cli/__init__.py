@@ -20,6 +20,7 @@ from edgemesh.cli import (
     serve,
     slim,
     status,
+    undeploy,
 )
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app.command("plan")(plan.command)
 app.command("convert")(convert.command)
 app.command("generate")(generate.command)
 app.command("deploy")(deploy.command)
+app.command("undeploy")(undeploy.command)  # graph models on the mesh
 app.command("import")(import_.command)  # graph models (vision...): edgemesh.graph
 app.add_typer(bench.app, name="bench")
 app.add_typer(slim.app, name="slim")  # AWQ/GPTQ, pruning, distillation: sharding/slim

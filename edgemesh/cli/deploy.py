@@ -76,6 +76,22 @@ def command(
             "(after a head change; the new head's agent runs this).",
         ),
     ] = False,
+    replicas: Annotated[
+        str,
+        typer.Option(
+            "--replicas",
+            help="Graph packages: 'auto' (every box within reach of the fastest) or N "
+            "(the N fastest boxes), each holding a whole copy.",
+        ),
+    ] = "auto",
+    max_accuracy_loss: Annotated[
+        float | None,
+        typer.Option(
+            "--max-accuracy-loss",
+            help="Graph packages: the accuracy budget each box's precision must meet "
+            "[default: the LLM path's].",
+        ),
+    ] = None,
 ) -> None:
     """Split MODEL_DIR over the mesh's boxes and serve it from the head (OpenAI API)."""
     from edgemesh.errors import ConfigError
@@ -101,15 +117,16 @@ def command(
             raise ConfigError("give either MODEL_DIR or --restore")
         from edgemesh.graph.manifest import is_graph_package
 
-        if model_dir is not None and is_graph_package(model_dir):
-            from edgemesh.errors import UnsupportedModelError
-
-            # Graph replicas are not in the mesh's deployment records yet (docs/MODELS.md).
-            raise UnsupportedModelError(
-                f"'{model_dir}' is a graph package; `edgemesh deploy` places LLM packages only",
-                hint="run `edgemesh serve --model DIR` on each box and `edgemesh serve --model "
-                "DIR --replica http://BOX:PORT ...` on the head",
+        graph = model_dir is not None and is_graph_package(model_dir)
+        if graph and (boxes is not None or plan_file is not None):
+            raise ConfigError(
+                "--boxes and --plan are for LLM packages; a graph package is placed by "
+                "each box's own measurement",
+                hint="drop them, or use --replicas N",
             )
+        from edgemesh.cli.undeploy import parse_replicas
+
+        wanted = parse_replicas(replicas) if graph else None  # refused before any wait
         if not restore:
             # `status` lists a box before it is in the Ray cluster: planning then
             # would leave it out (or fail here), so wait for the mesh to settle.
@@ -119,6 +136,23 @@ def command(
                 folder, mesh=mesh, timeout_s=wait, progress=lambda ln: typer.echo(ln, err=True)
             )
         conn = connect(folder, mesh=mesh, logging_level="warning")
+        if graph:
+            from edgemesh.cli.undeploy import deploy_graph_package
+
+            assert model_dir is not None
+            deploy_graph_package(
+                model_dir,
+                name=name,
+                here=conn.box_id,
+                replicas=wanted,
+                max_accuracy_loss=max_accuracy_loss,
+                port=port,
+                host=host,
+                api_keys=api_key or (),
+                state_dir=folder,
+                json_out=json_out,
+            )
+            return
         if restore:
             from edgemesh.router.restore import restore as restore_all
 

@@ -50,9 +50,15 @@ def command(
     settling = unsettled_status(status) if status.source == "agent" else None
     if json_out:
         from edgemesh.router.deploy import status_extras
+        from edgemesh.router.graph_deploy import status_here
 
-        print_json({**status.to_dict(), **status_extras(folder), "settling": settling})
+        extras = {**status_extras(folder), "graphs": status_here(folder)}
+        print_json({**status.to_dict(), **extras, "settling": settling})
     else:
+        from edgemesh.router.graph_deploy import render_status, status_here
+
         typer.echo(render(status))
+        for line in render_status(status_here(folder)):
+            typer.echo(line)
         if settling:
             typer.echo(f"  settling: {'; '.join(settling)}")

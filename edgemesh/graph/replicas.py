@@ -36,7 +36,7 @@ QUEUE_HEADER = "Edgemesh-Queue-Depth"
 Arrays = dict[str, np.ndarray]
 
 
-class _ReplicaLost(Exception):
+class ReplicaLost(Exception):
     """The replica's box did not answer usefully; try another."""
 
 
@@ -72,11 +72,11 @@ class RemoteReplica:
                 headers={HEADER_LENGTH: str(header)},
             )
         except httpx.HTTPError as exc:  # refused, reset, timed out: the box is lost
-            raise _ReplicaLost(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            raise ReplicaLost(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         finally:
             self.in_flight -= 1
         if r.status_code >= 500:
-            raise _ReplicaLost(f"{self.url} answered {r.status_code}: {r.text[:200]}")
+            raise ReplicaLost(f"{self.url} answered {r.status_code}: {r.text[:200]}")
         if r.status_code != 200:
             status = r.status_code
             message = _error_text(r)
@@ -184,7 +184,7 @@ class ReplicaSet:
         for replica in self._order():
             try:
                 return await replica.infer(feeds, outputs)
-            except _ReplicaLost as exc:
+            except ReplicaLost as exc:
                 log.warning("replica lost, retrying elsewhere: %s", exc)
                 replica.down_until = time.monotonic() + self.down_s
                 self.retries += 1

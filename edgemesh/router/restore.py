@@ -96,7 +96,7 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
         local = DeploymentStore(Path(state_dir) / "deployments.json").load()
         if _newer(local, doc):
             doc = local
-    if not doc.get("models"):
+    if not doc.get("models") and not doc.get("graphs"):
         return {"gateway": None, "restored": [], "skipped": {}}
     boxes = _wait_for_boxes(ray, state_dir, mesh_boxes)
     head = next((b for b in boxes if b.is_head), None)
@@ -128,13 +128,20 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
         )
         record["gateway"] = url
         restored.append(name)
-    if restored:
+    from edgemesh.router.graph_deploy import restore_graphs
+
+    # Graph models' replicas first: the gateway opens what the records list.
+    graphs = restore_graphs(ray, doc, boxes, url, state_dir)
+    skipped.update(graphs["skipped"])
+    if restored or graphs["restored"]:
         records = [doc["models"][n] for n in restored]
         sources = {n: ray.get_actor(f"{SOURCE_PREFIX}{n}", namespace=NAMESPACE) for n in restored}
         start_gateway(records, head.id, sources, host=bind, port=port, api_keys=gateway_keys(doc))
         doc["gateway"] = url
         write_records(ray, doc, state_dir)
-    return {"gateway": url if restored else None, "restored": restored, "skipped": skipped}
+    started = bool(restored or graphs["restored"])
+    restored += graphs["restored"]
+    return {"gateway": url if started else None, "restored": restored, "skipped": skipped}
 
 
 def _wait_for_boxes(
@@ -175,7 +182,7 @@ def spawn_restore(state_dir: Path, store: Any) -> subprocess.Popen[bytes] | None
     --restore`` in the background when its records list models (log:
     ``<state>/restore.log``). Returns the process, or None when nothing to do."""
     try:
-        if not store.models():
+        if not store.models() and not store.load().get("graphs"):
             return None
     except Exception as exc:  # unreadable records: nothing to restore from
         log.warning("cannot read the deployment records: %r", exc)

@@ -52,6 +52,11 @@ class MeshGateway:
             measure=lambda box: measure_box(ray, box),
         )
         self.watcher.start()
+        from edgemesh.mesh.deployments import read_records
+        from edgemesh.router.graph_replica import open_graph_sets
+
+        # Graph models (/v2): replica actors placed by `edgemesh deploy` (graph_deploy).
+        self.graphs = open_graph_sets(ray, read_records(ray).get("graphs") or {})
 
     def __serve_build_asgi_app__(self) -> Any:
         from edgemesh.gateway import create_app
@@ -59,7 +64,9 @@ class MeshGateway:
 
         # Every box of the mesh on the dashboard, and deploys from the page.
         self.manager = MeshManager(self.head_box, self.watcher, self.sources)
-        return create_app(self.services, api_keys=self.api_keys, manager=self.manager)
+        return create_app(
+            self.services, api_keys=self.api_keys, manager=self.manager, graphs=self.graphs
+        )
 
     def _changed(self, name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
         if self.manager is not None:  # records it and logs the event
