@@ -37,8 +37,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from edgemesh.backends.admission import RangeInputs, admit
 from edgemesh.backends.base import Backend, BackendOptions, SeqInput, ShardSpec
-from edgemesh.errors import ConfigError, ContextOverflowError, InferenceError, RequestError
+from edgemesh.errors import ConfigError, InferenceError, RequestError
 
 KV = Any
 """A runtime's KV tensor ``[B, KV, T, D]`` float32 (OrtValue, ov.Tensor, torch CUDA tensor)."""
@@ -221,58 +222,27 @@ class RangeGraphBackend(Backend):
     # -- checks (all before anything changes, so a refused call leaves nothing) --
 
     def _admit(self, batch: Sequence[SeqInput]) -> None:
-        new = 0
-        seen: set[int] = set()
-        layers = self.shard.layers
-        for item in batch:
-            if item.seq_id in seen:
-                raise InferenceError(f"sequence {item.seq_id} appears twice in one call")
-            seen.add(item.seq_id)
-            n = item.length
-            if n < 1:
-                raise InferenceError("a forward call needs at least one new token")
-            if item.start_pos + n > self.context_length:
-                raise ContextOverflowError(
-                    f"sequence {item.seq_id} would reach {item.start_pos + n} tokens; the "
-                    f"context is {self.context_length}"
-                )
-            if self._first and item.tokens is None:
-                raise InferenceError(f"layers {layers} start the model: send token ids")
-            if not self._first:
-                if item.hidden is None:
-                    raise InferenceError(f"layers {layers} take hidden states, not tokens")
-                if item.hidden.shape != (n, self.hidden_size):
-                    raise InferenceError(
-                        f"hidden states of shape {item.hidden.shape}; layers {layers} "
-                        f"take [{n}, {self.hidden_size}]"
-                    )
-            if item.logits == "pooled":
-                if item.start_pos:
-                    raise InferenceError(
-                        f"a pooled pass starts at position 0, not {item.start_pos}"
-                    )
-                if self._last and not self.can_pool:
-                    raise RequestError(
-                        f"this package's graph of layers {layers} has no hidden_norm output "
-                        "(converted before edgemesh exported it), so it serves no embeddings; "
-                        "re-convert it with `edgemesh convert`",
-                        param="model",
-                        code="embeddings_unsupported",
-                    )
-                continue  # stateless: no cache to check, no slot taken
-            seq = self._seqs.get(item.seq_id)
-            cached = 0 if seq is None else seq.length
-            if item.start_pos > cached:
-                raise InferenceError(
-                    f"sequence {item.seq_id} starts at position {item.start_pos} but only "
-                    f"{cached} tokens are cached on layers {layers}"
-                )
-            new += seq is None
-        if len(self._seqs) + new > self.max_sequences:
-            raise InferenceError(
-                f"all {self.max_sequences} sequence slots are busy",
-                hint="release finished sequences or raise max_sequences",
+        if self._last and not self.can_pool and any(i.logits == "pooled" for i in batch):
+            raise RequestError(
+                f"this package's graph of layers {self.shard.layers} has no hidden_norm output "
+                "(converted before edgemesh exported it), so it serves no embeddings; "
+                "re-convert it with `edgemesh convert`",
+                param="model",
+                code="embeddings_unsupported",
             )
+        accepts = RangeInputs(
+            self.shard.layers,
+            self._first,
+            self.hidden_size,
+            self.context_length,
+            self.max_sequences,
+            pools=True,
+        )
+        admit(batch, accepts, self._cached, len(self._seqs))
+
+    def _cached(self, seq_id: int) -> int | None:
+        seq = self._seqs.get(seq_id)
+        return None if seq is None else seq.length
 
     # -- feeds ----------------------------------------------------------------
 

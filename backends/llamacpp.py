@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgemesh.backends.admission import RangeInputs, admit
 from edgemesh.backends.base import Backend, BoxFacts, Capabilities, SeqInput, ShardSpec
 from edgemesh.errors import (
     ConfigError,
@@ -173,6 +174,8 @@ class LlamaCppBackend(Backend):
         trained_ctx = llama.llama_model_n_ctx_train(self._model)
         self.context_length = min(self.options.context_length or 4096, trained_ctx)
         self.max_sequences = max(1, self.options.max_sequences)
+        # Whole model: token ids in; one KV stream (context_length cells) per sequence.
+        self._accepts = RangeInputs(shard.layers, True, 0, self.context_length, self.max_sequences)
         self.n_batch = 512
 
         cparams = llama.llama_context_default_params()
@@ -210,10 +213,10 @@ class LlamaCppBackend(Backend):
         with self._lock:
             if self._closed:
                 raise InferenceError("the llama.cpp backend is closed")
+            admit(batch, self._accepts, self._cached, len(self._slots))
             plan = []  # (seq index, token, pos, slot, wants logits)
             for i, item in enumerate(batch):
-                if item.tokens is None:
-                    raise InferenceError("llama.cpp takes token ids, not hidden states")
+                assert item.tokens is not None  # admit() refused hidden states
                 slot = self._slot(item.seq_id)
                 # A replay (start_pos below what is cached) drops the tail first,
                 # as the other backends do.
@@ -256,6 +259,12 @@ class LlamaCppBackend(Backend):
             self._llama.llama_model_free(self._model)
 
     # -- internals --------------------------------------------------------
+
+    def _cached(self, seq_id: int) -> int | None:
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            return None
+        return int(self._llama.llama_memory_seq_pos_max(self._memory, slot)) + 1  # -1: empty
 
     def _slot(self, seq_id: int) -> int:
         slot = self._slots.get(seq_id)

@@ -43,11 +43,18 @@ from typing import Any
 
 import numpy as np
 
-from edgemesh.backends.base import Backend, BoxFacts, Capabilities, SeqInput, ShardSpec
+from edgemesh.backends.admission import RangeInputs, admit
+from edgemesh.backends.base import (
+    Backend,
+    BoxFacts,
+    Capabilities,
+    LayerRange,
+    SeqInput,
+    ShardSpec,
+)
 from edgemesh.errors import (
     BackendUnavailableError,
     ConfigError,
-    ContextOverflowError,
     CorruptArtifactError,
     InferenceError,
     ModelNotFoundError,
@@ -94,7 +101,7 @@ def static_range_graph(
     onnx = require("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgemesh.sharding.package.folder import write_piece
+    from edgemesh.sharding.package.folder import prune_graph, write_piece
 
     model = onnx.load(str(range_onnx))
     graph = model.graph
@@ -157,7 +164,7 @@ def static_range_graph(
             outputs.append(
                 helper.make_tensor_value_info(f"{new}.{layer}", f32, [1, kv_heads, seq, head_dim])
             )
-    kept, inits = _reachable(nodes, list(graph.initializer), {o.name for o in outputs})
+    kept, inits = prune_graph(nodes, list(graph.initializer), {o.name for o in outputs})
     new_graph = helper.make_graph(kept, graph.name + "_static", inputs, outputs, inits)
     static = helper.make_model(new_graph, opset_imports=list(model.opset_import))
     static.ir_version = model.ir_version
@@ -171,17 +178,6 @@ def static_range_graph(
         "masks": mask_names,
         "layers": layers,
     }
-
-
-def _reachable(nodes: list[Any], inits: list[Any], outputs: set[str]) -> tuple[list, list]:
-    needed = set(outputs)
-    kept = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    return kept, [i for i in inits if i.name in needed]
 
 
 # -- the host side of the static scheme --------------------------------------
@@ -226,32 +222,28 @@ class StaticKVRunner:
     def kv_bytes(self) -> int:
         return sum(a.nbytes for s in self.seqs.values() for a in s.kv)
 
-    def state(self, seq_id: int, start_pos: int, max_sequences: int) -> _Sequence:
+    def admit(self, batch: Sequence[SeqInput], layers: LayerRange, max_sequences: int) -> None:
+        """Refuse ``batch`` before any slot is taken (``backends.admission``):
+        the graphs hold ``context`` positions, one sequence per slot."""
+        accepts = RangeInputs(layers, self._first, self._hidden, self.context, max_sequences)
+        admit(batch, accepts, self._cached, len(self.seqs))
+
+    def _cached(self, seq_id: int) -> int | None:
+        state = self.seqs.get(seq_id)
+        return None if state is None else state.length
+
+    def state(self, seq_id: int, start_pos: int) -> _Sequence:
+        """The slot of ``seq_id`` rewound to ``start_pos``, taken if new; only for
+        a call ``admit`` let through."""
         state = self.seqs.get(seq_id)
         if state is None:
-            if len(self.seqs) >= max_sequences:
-                raise InferenceError(
-                    f"all {max_sequences} sequence slots are busy",
-                    hint="release finished sequences or raise max_sequences",
-                )
             kv = [np.zeros(self._kv_shape, np.float32) for _ in range(2 * len(self._layers))]
             state = self.seqs[seq_id] = _Sequence(0, kv)
-        if start_pos > state.length:
-            raise InferenceError(
-                f"sequence {seq_id} starts at position {start_pos} but only "
-                f"{state.length} tokens are cached"
-            )
         state.length = start_pos  # a rewind just forgets the tail: the mask hides it
         return state
 
     def forward(self, state: _Sequence, data: np.ndarray, logits: str) -> np.ndarray:
         n = int(data.shape[0])
-        if state.length + n > self.context:
-            raise ContextOverflowError(
-                f"the RKNN graphs hold {self.context} tokens; this call would reach "
-                f"{state.length + n}",
-                param="context",
-            )
         outs: list[np.ndarray] = []
         if logits == "all" and self._last:
             # The static graphs return one row of logits: feed token by token.
@@ -424,13 +416,12 @@ class RknnBackend(Backend):
         with self._lock:
             if self._closed:
                 raise InferenceError("the RKNN backend is closed")
+            self._runner.admit(batch, self.shard.layers, self.max_sequences)
             outs = []
             for item in batch:
                 data = item.tokens if self._first else item.hidden
-                if data is None:
-                    want = "token ids" if self._first else "hidden states"
-                    raise InferenceError(f"layers {self.shard.layers} take {want}")
-                state = self._runner.state(item.seq_id, item.start_pos, self.max_sequences)
+                assert data is not None  # admit() checked the input kind
+                state = self._runner.state(item.seq_id, item.start_pos)
                 try:
                     outs.append(self._runner.forward(state, np.asarray(data), item.logits))
                 except (RuntimeError, ValueError) as exc:

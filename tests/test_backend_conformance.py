@@ -39,7 +39,12 @@ import pytest
 
 from edgemesh.backends import registry
 from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
-from edgemesh.errors import CorruptArtifactError, InferenceError, ModelNotFoundError
+from edgemesh.errors import (
+    ContextOverflowError,
+    CorruptArtifactError,
+    InferenceError,
+    ModelNotFoundError,
+)
 from tests.fixtures.backend_models import (
     CONFORMANCE_ARCH,
     corrupt_copy,
@@ -271,6 +276,34 @@ def test_close_is_idempotent_and_final(subject: Subject) -> None:
     backend.release(0)  # unknown or closed: ignored
     with pytest.raises(InferenceError):
         backend.forward([SeqInput(0, 3, tokens=_ids(1))])
+
+
+def test_a_refused_call_keeps_no_slot(subject: Subject) -> None:
+    """A call refused for a position gap or its context takes no sequence slot and
+    moves no sequence it names (every backend checks the whole call first,
+    ``backends/admission.py``). With 2 slots: three refused new sequences, then
+    two real ones must still fit; a refused mixed call leaves its valid row unrun."""
+    with subject.open(max_sequences=2, context_length=64) as backend:
+        for seq in (7, 8, 9):  # a refusal that kept its slot leaves no room below
+            with pytest.raises(InferenceError, match="starts at position 5"):
+                backend.forward([SeqInput(seq, 5, tokens=_ids(1))])
+        with pytest.raises(ContextOverflowError):
+            backend.forward([SeqInput(10, 0, tokens=_ids(65))])
+        backend.forward([SeqInput(0, 0, tokens=_ids(4, 1))])
+        backend.forward([SeqInput(1, 0, tokens=_ids(4, 2))])
+        with pytest.raises(InferenceError, match="starts at position 9"):
+            backend.forward([SeqInput(0, 9, tokens=_ids(1))])
+        # Row 0 is fine, row 1 (a new sequence) has a gap: nothing runs, so
+        # sequence 0 still holds 4 tokens and position 5 is still a gap.
+        with pytest.raises(InferenceError, match="starts at position 3"):
+            backend.forward([SeqInput(0, 4, tokens=_ids(1)), SeqInput(11, 3, tokens=_ids(1))])
+        with pytest.raises(InferenceError, match="starts at position 5"):
+            backend.forward([SeqInput(0, 5, tokens=_ids(1))])
+        with pytest.raises(InferenceError, match="slots are busy"):  # both slots are 0 and 1
+            backend.forward([SeqInput(12, 0, tokens=_ids(2))])
+        backend.release(1)
+        assert backend.forward([SeqInput(12, 0, tokens=_ids(2))])[0].shape[0] == 1
+        backend.forward([SeqInput(0, 4, tokens=_ids(1))])  # sequence 0 goes on as it was
 
 
 def test_corrupt_artifact_raises_typed_error(subject: Subject, tmp_path: Path) -> None:

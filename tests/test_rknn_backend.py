@@ -20,7 +20,7 @@ import pytest
 from edgemesh.backends import registry
 from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
 from edgemesh.backends.rknn import SLIDING, StaticKVRunner, static_range_graph
-from edgemesh.errors import BackendUnavailableError
+from edgemesh.errors import BackendUnavailableError, ContextOverflowError, InferenceError
 from tests.fixtures.tiny_models import shared_tiny_package
 
 ort = pytest.importorskip("onnxruntime")
@@ -81,10 +81,10 @@ def test_static_graphs_match_the_dynamic_range(arch: str, tmp_path: Path) -> Non
     package = shared_tiny_package(arch)
     ids = np.random.default_rng(3).integers(5, 300, size=27).astype(np.int64)
     runner = _static_runner(package, 0, 4 if arch == "gemma3" else 3, tmp_path, 64, 8)
-    state = runner.state(7, 0, 4)
+    state = runner.state(7, 0)
     got = [runner.forward(state, ids[:21], "last")]
     for pos in range(21, 27):
-        state = runner.state(7, pos, 4)
+        state = runner.state(7, pos)
         got.append(runner.forward(state, ids[pos : pos + 1], "last"))
     with _dynamic(package, 0, 4 if arch == "gemma3" else 3, tmp_path) as ref:
         want = [ref.forward([SeqInput(7, 0, tokens=ids[:21])])[0]]
@@ -106,9 +106,33 @@ def test_static_hidden_ranges_chain(tmp_path: Path) -> None:
         hidden = first.forward([SeqInput(0, 0, tokens=ids)])[0]  # [11, H]
         want = mid.forward([SeqInput(0, 0, hidden=hidden)])[0]
     runner = _static_runner(package, 1, 2, tmp_path / "mid", 32, 4)
-    got = runner.forward(runner.state(0, 0, 1), hidden, "last")
+    got = runner.forward(runner.state(0, 0), hidden, "last")
     assert got.shape == want.shape == (11, hidden.shape[1])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_refused_call_keeps_no_slot_on_the_static_graphs(tmp_path: Path) -> None:
+    """What RknnBackend.forward runs before it takes a slot: a position gap or a
+    call past the graphs' context is refused with no slot taken and no sequence
+    moved, so one slot still serves a real sequence afterwards."""
+    package = shared_tiny_package("qwen3")
+    ids = np.random.default_rng(5).integers(5, 300, size=8).astype(np.int64)
+    runner = _static_runner(package, 0, 3, tmp_path, 16, 4)
+    layers = LayerRange(0, 3)
+    for seq in (7, 8):
+        with pytest.raises(InferenceError, match="starts at position 5"):
+            runner.admit([SeqInput(seq, 5, tokens=ids[:1])], layers, 1)
+    with pytest.raises(ContextOverflowError):
+        runner.admit([SeqInput(9, 14, tokens=ids[:3])], layers, 1)
+    assert runner.seqs == {}
+    runner.admit([SeqInput(0, 0, tokens=ids[:4])], layers, 1)
+    runner.forward(runner.state(0, 0), ids[:4], "last")
+    with pytest.raises(InferenceError, match="starts at position 6"):
+        runner.admit([SeqInput(0, 6, tokens=ids[4:5])], layers, 1)
+    assert runner.seqs[0].length == 4
+    with pytest.raises(InferenceError, match="slots are busy"):
+        runner.admit([SeqInput(1, 0, tokens=ids[:2])], layers, 1)
+    runner.admit([SeqInput(0, 4, tokens=ids[4:5])], layers, 1)  # sequence 0 goes on
 
 
 def test_availability_names_the_missing_piece() -> None:

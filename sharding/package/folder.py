@@ -341,7 +341,7 @@ class Package:
             in_names.append("logit_index")
             # Packages converted before the head exported it have no hidden_norm.
             out_names += [n for n in outputs if n == "hidden_norm" and n in values]
-        nodes, inits = _prune(nodes, inits, set(out_names))
+        nodes, inits = prune_graph(nodes, inits, set(out_names))
         graph = helper.make_graph(
             nodes,
             f"layers_{start}_{stop}_{precision}",
@@ -427,8 +427,12 @@ def _relocate(init: Any, location: str, base: int) -> None:
         entry.key, entry.value = key, value
 
 
-def _prune(nodes: list[Any], inits: list[Any], outputs: set[str]) -> tuple[list, list]:
-    """Drop nodes (and initializers) nothing in ``outputs`` depends on."""
+def prune_graph(
+    nodes: list[Any], inits: list[Any], outputs: set[str]
+) -> tuple[list[Any], list[Any]]:
+    """Drop nodes (and initializers) nothing in ``outputs`` depends on. ``nodes``
+    in topological order; the kept ones stay in that order. The one graph pruner:
+    range composition here and RKNN's static graphs (``backends/rknn.py``)."""
     needed = set(outputs)
     kept = []
     for node in reversed(nodes):
