@@ -414,6 +414,7 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     from edgemesh.engine import Engine, EngineConfig
     from edgemesh.lab.isolation import local_ray
     from edgemesh.router.placement import StaticPlacer
+    from edgemesh.mesh.deployment_record import PackageRef
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.router.stage import StageSpec
     from edgemesh.sampling import SamplingParams
@@ -436,7 +437,7 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
             placer.specs = [replace(s, wire=job["wire"]) for s in placer.specs]
         wire = placer.specs[0].wire
         t0 = time.perf_counter()
-        pipe = RayPipeline(placer, (Path(job["package"]) / "manifest.json").read_bytes())
+        pipe = RayPipeline(placer, PackageRef.from_folder(Path(job["package"])))
         engine = Engine(pipe, pkg.tokenizer(), EngineConfig(context_length=1024, max_sequences=1))
         load_s = time.perf_counter() - t0
         try:

@@ -226,7 +226,9 @@ def router_figures(package: Path, tokens: int, tmp: Path) -> dict[str, Any]:
     pkg = open_package(package)
     n = pkg.num_layers
     tok = pkg.tokenizer()
-    manifest = (package / "manifest.json").read_bytes()
+    from edgemesh.mesh.deployment_record import PackageRef
+
+    manifest = PackageRef.from_folder(package)
     out: dict[str, Any] = {"model": pkg.manifest.name, "num_layers": n, "tokens": tokens}
     rng = np.random.default_rng(1)
     prompts = [[1, *rng.integers(5, 300, size=8).tolist()] for _ in range(16)]

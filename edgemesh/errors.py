@@ -23,7 +23,9 @@
     │   ├── DiscoveryError          mDNS announce/browse failed
     │   ├── AuthError               wrong or missing mesh secret
     │   ├── BoxLostError            a box vanished mid-generation
-    │   └── MeshSettlingError       the mesh did not settle in time (names what still settles)
+    │   ├── MeshSettlingError       the mesh did not settle in time (names what still settles)
+    │   └── RecordError             a deployment record that cannot be read
+    │       └── RecordVersionError  a record of another format version (names both)
     └── RequestError                a client request that cannot be served
         ├── ContextOverflowError    prompt + max_tokens exceed the context
         ├── OverloadedError         the queue is full; retry later
@@ -145,6 +147,27 @@ class MeshSettlingError(MeshError):
     def __init__(self, message: str, *, settling: list[str], hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.settling = list(settling)
+
+
+class RecordError(MeshError):
+    """A deployment record (``deployments.json``, the head's KV) that cannot be read."""
+
+
+class RecordVersionError(RecordError):
+    """A record written in another format version than this edgemesh reads;
+    ``found`` is the version it carries, ``expected`` the one read here."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        found: object = None,
+        expected: int | None = None,
+        hint: str | None = "run the same edgemesh version on every box of the mesh",
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.found = found
+        self.expected = expected
 
 
 class RequestError(EdgemeshError):

@@ -7,8 +7,11 @@ head's agent seeds the new GCS from its mirror, and the router re-deploys
 what it lists. Any box may write (``DeploymentStore.put``); the copy with
 the higher ``version`` wins, ties broken by ``updated``.
 
-The record format per model is the router's business; this module only
-stores ``{"version", "updated", "models": {name: record}}``.
+The records are typed (``edgemesh.mesh.deployment_record``): ``load`` /
+``save`` parse and write a ``Deployments`` document. The agent's sync and
+``read_records``/``write_records`` move the raw JSON (``RecordsJSON``)
+without parsing it, so a box mirrors records it could not read itself
+(another format version) instead of dropping them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,20 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from edgemesh.mesh.config import read_json, write_json
+from edgemesh.mesh.deployment_record import (
+    DeploymentRecord,
+    Deployments,
+    JSONObject,
+    StageInfo,
+)
+
+if TYPE_CHECKING:
+    from edgemesh.sharding.planner.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +41,18 @@ KV_KEY = "deployments"
 RAY_NAMESPACE = "edgemesh"
 """The Ray namespace of the records (and of the router's named actors)."""
 
+RecordsJSON: TypeAlias = JSONObject
+"""The records document as JSON (``Deployments.to_dict``), unparsed."""
 
-def _empty() -> dict[str, Any]:
+KVGet: TypeAlias = Callable[[str], bytes | None]
+KVPut: TypeAlias = Callable[[str, bytes], object]
+
+
+def _empty() -> RecordsJSON:
     return {"version": 0, "updated": 0.0, "models": {}}
 
 
-def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def _newer(a: RecordsJSON, b: RecordsJSON) -> bool:
     """Is ``a`` newer than ``b``?"""
     return (a.get("version", 0), a.get("updated", 0.0)) > (
         b.get("version", 0),
@@ -49,23 +68,29 @@ class DeploymentStore:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> RecordsJSON:
+        """The document as stored (unparsed; an empty one when there is none)."""
         doc = read_json(self.path)
         if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
             return _empty()
         return doc
 
-    def models(self) -> dict[str, Any]:
+    def deployments(self) -> Deployments:
+        """The parsed document; raises ``RecordError``/``RecordVersionError``."""
+        return Deployments.from_dict(self.load())
+
+    def models(self) -> dict[str, RecordsJSON]:
+        """Each model's record, unparsed (enough to tell whether any is kept)."""
         return dict(self.load()["models"])
 
-    def replace(self, doc: dict[str, Any]) -> None:
+    def replace(self, doc: RecordsJSON) -> None:
         write_json(self.path, doc)
 
-    def put(self, name: str, record: dict[str, Any]) -> None:
+    def put(self, record: DeploymentRecord) -> None:
         """Add or change one model's record (the agent spreads it)."""
         with self._lock:
             doc = self.load()
-            doc["models"][name] = record
+            doc["models"][record.name] = record.to_dict()
             self._bump(doc)
 
     def remove(self, name: str) -> None:
@@ -74,13 +99,13 @@ class DeploymentStore:
             if doc["models"].pop(name, None) is not None:
                 self._bump(doc)
 
-    def _bump(self, doc: dict[str, Any]) -> None:
+    def _bump(self, doc: RecordsJSON) -> None:
         doc["version"] = int(doc.get("version", 0)) + 1
         doc["updated"] = time.time()
         self.replace(doc)
 
 
-def sync(store: DeploymentStore, kv_get: Any, kv_put: Any) -> str:
+def sync(store: DeploymentStore, kv_get: KVGet, kv_put: KVPut) -> str:
     """Reconcile the local copy with the head's KV; returns what happened
     ("pulled", "pushed" or "same"). ``kv_get``/``kv_put`` are the GCS calls."""
     local = store.load()
@@ -103,15 +128,16 @@ def sync(store: DeploymentStore, kv_get: Any, kv_put: Any) -> str:
 # -- the live copy in the head's Ray GCS (``ray`` is the imported module) ----
 
 
-def read_records(ray: Any) -> dict[str, Any]:
-    """The mesh's records as the head's GCS holds them now."""
+def read_records(ray: Any) -> RecordsJSON:
+    """The mesh's records as the head's GCS holds them now (unparsed)."""
     raw = ray.experimental.internal_kv._internal_kv_get(KV_KEY, namespace=RAY_NAMESPACE)
     if not raw:
         return _empty()
-    return json.loads(raw)
+    doc = json.loads(raw)
+    return doc if isinstance(doc, dict) and isinstance(doc.get("models"), dict) else _empty()
 
 
-def write_records(ray: Any, doc: dict[str, Any], state_dir: Path | None) -> None:
+def write_records(ray: Any, doc: RecordsJSON, state_dir: Path | None) -> None:
     """Store ``doc`` as the next version, in the GCS and (with ``state_dir``)
     in this box's ``deployments.json`` at once."""
     doc["version"] = int(doc.get("version", 0)) + 1
@@ -123,15 +149,24 @@ def write_records(ray: Any, doc: dict[str, Any], state_dir: Path | None) -> None
         DeploymentStore(Path(state_dir) / "deployments.json").replace(doc)
 
 
-def record_stages(ray: Any, name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
+def load(ray: Any) -> Deployments:
+    """The head's records, parsed (the edge where they enter this process)."""
+    return Deployments.from_dict(read_records(ray))
+
+
+def save(ray: Any, deployments: Deployments, state_dir: Path | None) -> None:
+    """Write ``deployments`` as the next revision (see ``write_records``)."""
+    doc = deployments.to_dict()
+    write_records(ray, doc, state_dir)
+    deployments.revision, deployments.updated = doc["version"], doc["updated"]
+
+
+def record_stages(ray: Any, name: str, stages: Sequence[StageInfo], plan: Plan) -> None:
     """Keep model ``name``'s record in step with where its stages run now, so
     `edgemesh status` shows it and a new head re-deploys the current plan."""
     doc = read_records(ray)
-    record = doc["models"].get(name)
-    if record is None:
+    raw = doc["models"].get(name)
+    if raw is None:
         return
-    record["stages"] = [
-        {k: st[k] for k in ("box", "layers", "backend", "precision")} for st in stages
-    ]
-    record["plan"] = plan
+    doc["models"][name] = DeploymentRecord.from_dict(raw).moved(stages, plan).to_dict()
     write_records(ray, doc, None)

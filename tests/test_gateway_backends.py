@@ -188,3 +188,30 @@ def test_a_seeded_request_alone_repeats_exactly(client: openai.OpenAI) -> None:
         assert a.text == b.text
         assert a.logprobs.token_logprobs == b.logprobs.token_logprobs
     assert first.choices[0].text != first.choices[1].text  # sample j uses seed + j
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pooled_pass_through_cut_ranges_takes_no_slot(package: Path, backend: str) -> None:
+    """The pooled pass on the backends themselves: through two ranges it equals
+    the torch reference as through one, it runs while the only sequence slot
+    is taken, and it leaves no cache behind on either range."""
+    from edgemesh.backends.base import BackendOptions, SeqInput
+    from edgemesh.sharding.package.folder import open_package
+    from edgemesh.sharding.pipeline import load_pipeline
+
+    tok = open_package(package).tokenizer()
+    ids = np.asarray(tok.encode("the cat sat on the mat"), np.int64)
+    want = _reference_embedding(package, [int(t) for t in ids])
+    options = BackendOptions(threads=1, context_length=256, max_sequences=1)
+    pipe = load_pipeline(package, [1], "fp32", backend=backend, options=options)
+    try:
+        assert pipe.backends[-1].can_pool
+        pipe.forward([SeqInput(5, 0, tokens=ids[:3])])  # the one slot, on both ranges
+        (pooled,) = pipe.forward([SeqInput(-1, 0, tokens=ids, logits="pooled")])
+        assert pooled.shape == (1, want.shape[0])
+        np.testing.assert_allclose(pooled[0] / np.linalg.norm(pooled[0]), want, atol=1e-4)
+        assert [sorted(b._seqs) for b in pipe.backends] == [[5], [5]]
+        # The live sequence goes on where it was: its cache was not touched.
+        pipe.forward([SeqInput(5, 3, tokens=ids[3:4])])
+    finally:
+        pipe.close()

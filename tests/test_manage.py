@@ -185,7 +185,7 @@ def test_the_mesh_gateway_checks_keys_it_only_knows_by_digest(live_server) -> No
 
     doc = {"api_key_sha256": key_digests(["site-key"])}
     assert "site-key" not in json.dumps(doc)  # the records never hold the key
-    with live_server(create_app([], api_keys=gateway_keys(doc))) as srv:
+    with live_server(create_app([], api_keys=gateway_keys(doc["api_key_sha256"]))) as srv:
         ok = httpx.get(srv.url + "/api/overview", headers={"Authorization": "Bearer site-key"})
         assert ok.status_code == 200
         digest = doc["api_key_sha256"][0]

@@ -21,6 +21,7 @@ import pytest
 
 from edgemesh.engine import Engine, EngineConfig
 from edgemesh.errors import CorruptArtifactError, ModelUnavailableError
+from edgemesh.mesh.deployment_record import PackageRef
 from edgemesh.router.artifacts import ArtifactSource, ensure_artifacts
 from edgemesh.router.placement import PlanPlacer, StaticPlacer
 from edgemesh.router.stage import StageSpec, wire_dtype
@@ -125,18 +126,19 @@ def test_artifacts_are_fetched_verified_and_cached(package: Path, tmp_path: Path
     source = ArtifactSource(str(package))
     manifest = source.manifest()
     needed = ["fp32/layer_001.onnx", "fp32/layer_001.onnx.data"]
+    ref = PackageRef.from_bytes(manifest)
     reads: list[str] = []
 
     def read(rel: str, offset: int, size: int) -> bytes:
         reads.append(rel)
         return source.read(rel, offset, size)
 
-    folder = ensure_artifacts(manifest, needed, tmp_path / "cache", read)
+    folder = ensure_artifacts(ref, needed, tmp_path / "cache", read)
     assert (folder / "manifest.json").read_bytes() == manifest
     for rel in needed:
         assert (folder / rel).read_bytes() == (package / rel).read_bytes()
     reads.clear()
-    assert ensure_artifacts(manifest, needed, tmp_path / "cache", read) == folder
+    assert ensure_artifacts(ref, needed, tmp_path / "cache", read) == folder
     assert reads == []  # a verified cache is not fetched again
 
     bad = tmp_path / "bad"
@@ -145,7 +147,7 @@ def test_artifacts_are_fetched_verified_and_cached(package: Path, tmp_path: Path
     data[100] ^= 0xFF
     (bad / needed[1]).write_bytes(bytes(data))
     with pytest.raises(CorruptArtifactError, match=r"layer_001\.onnx\.data"):
-        ensure_artifacts(manifest, needed, tmp_path / "other", ArtifactSource(str(bad)).read)
+        ensure_artifacts(ref, needed, tmp_path / "other", ArtifactSource(str(bad)).read)
     assert not list((tmp_path / "other").rglob("layer_001.onnx.data"))
     with pytest.raises(Exception, match="not an artifact"):
         source.read("../../etc/passwd", 0, 10)
@@ -198,7 +200,7 @@ def test_ray_pipeline_is_token_identical_with_16_streams(
     from edgemesh.router.ray_pipeline import RayPipeline
 
     specs = _specs(package, cuts, tmp_path)
-    pipe = RayPipeline(StaticPlacer(specs), (package / "manifest.json").read_bytes())
+    pipe = RayPipeline(StaticPlacer(specs), PackageRef.from_folder(package))
     engine = _engine(pipe, package)
     try:
         assert pipe.depth == len(specs)
@@ -224,7 +226,7 @@ def test_a_killed_stage_is_rebuilt_by_replay_without_losing_tokens(
     specs = _specs(package, [1, 2], tmp_path)
     specs[1] = StageSpec(**{**specs[1].to_dict(), "package_dir": ""})
     source = ray.remote(ArtifactSource).options(resources={"box:a": 0.001}).remote(str(package))
-    pipe = RayPipeline(StaticPlacer(specs), (package / "manifest.json").read_bytes(), source=source)
+    pipe = RayPipeline(StaticPlacer(specs), PackageRef.from_folder(package), source=source)
     engine = _engine(pipe, package)
     try:
         first = pipe.describe()[1]
@@ -276,16 +278,21 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
             state_dir=tmp_path,
             plan_options=options,
         )
-        stages = record["stages"]
+        stages = [s.to_dict() for s in record.stages]
         assert len(stages) >= 2 and {s["precision"] for s in stages} == {"fp32"}
         assert status_extras(tmp_path)["models"]["tiny"]["stages"] == stages
         prompt = _prompts(1)[0]
         pipe = load_pipeline(package, [s["layers"][0] for s in stages[1:]])
+        # What the head's GCS holds reads back as the same typed record.
+        from edgemesh.mesh import deployments
+
+        assert deployments.load(ray).models["tiny"] == record
         try:
             want = generate(pipe, prompt, max_tokens=MAX_TOKENS, eos_ids=[2]).token_ids
         finally:
             pipe.close()
-        with httpx.Client(base_url=record["gateway"], timeout=120) as client:
+        assert record.gateway is not None
+        with httpx.Client(base_url=record.gateway, timeout=120) as client:
             body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
             got = client.post("/completions", json=body)
             assert got.status_code == 200, got.text
@@ -294,7 +301,7 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
             assert got.json()["choices"][0]["text"] == tok.decode(
                 [t for t in want if t not in tok.eos_ids]
             )
-            metrics = client.get(record["gateway"].removesuffix("/v1") + "/metrics/json").json()
+            metrics = client.get(record.gateway.removesuffix("/v1") + "/metrics/json").json()
             ran = [s["box"] for s in metrics["tiny"]["info"]["stages"]]
             assert ran == [s["box"] for s in stages]
     finally:

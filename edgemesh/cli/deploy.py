@@ -41,7 +41,13 @@ def command(
             "first placement instead of planning; re-plans after a loss still use the profiles.",
         ),
     ] = None,
-    port: Annotated[int, typer.Option(help="Port of the mesh gateway on the head.")] = 8000,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the mesh gateway on the head [default: 8000; with --restore, "
+            "the recorded one]."
+        ),
+    ] = None,
     host: Annotated[
         str | None,
         typer.Option(
@@ -84,6 +90,15 @@ def command(
             "(the N fastest boxes), each holding a whole copy.",
         ),
     ] = "auto",
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            "--gateway",
+            help="With --restore: start the gateway (dashboard, management API) even when "
+            "no model is recorded, so the first model can be deployed from the page "
+            "(`edgemesh join --gateway` runs this on the head).",
+        ),
+    ] = False,
     max_accuracy_loss: Annotated[
         float | None,
         typer.Option(
@@ -115,6 +130,8 @@ def command(
                 )
         if restore == (model_dir is not None):
             raise ConfigError("give either MODEL_DIR or --restore")
+        if gateway and not restore:
+            raise ConfigError("--gateway goes with --restore (a deploy always starts the gateway)")
         from edgemesh.graph.manifest import is_graph_package
 
         graph = model_dir is not None and is_graph_package(model_dir)
@@ -146,7 +163,7 @@ def command(
                 here=conn.box_id,
                 replicas=wanted,
                 max_accuracy_loss=max_accuracy_loss,
-                port=port,
+                port=port or 8000,
                 host=host,
                 api_keys=api_key or (),
                 state_dir=folder,
@@ -156,7 +173,9 @@ def command(
         if restore:
             from edgemesh.router.restore import restore as restore_all
 
-            done = restore_all(folder)
+            done = restore_all(
+                folder, port=port, gateway=gateway, host=host, api_keys=api_key or ()
+            )
             if json_out:
                 print_json(done)
             else:
@@ -185,18 +204,16 @@ def command(
             here=conn.box_id,
             profiles=profiles,
             links=links,
-            port=port,
+            port=port or 8000,
             host=host,
             api_keys=api_key or (),
             state_dir=folder,
             fixed_plan=fixed,
         )
     if json_out:
-        print_json({k: v for k, v in record.items() if k not in ("manifest", "profiles")})
+        shown = record.to_dict()
+        print_json({k: v for k, v in shown.items() if k not in ("manifest", "profiles")})
         return
-    typer.echo(f"deployed '{record['name']}' — gateway {record['gateway']}")
-    for st in record["stages"]:
-        typer.echo(
-            f"  {st['box']:<16} layers [{st['layers'][0]}, {st['layers'][1]})  "
-            f"{st['backend']}/{st['precision']}"
-        )
+    typer.echo(f"deployed '{record.name}' — gateway {record.gateway}")
+    for st in record.stages:
+        typer.echo(f"  {st.box:<16} layers [{st.start}, {st.stop})  {st.backend}/{st.precision}")

@@ -12,17 +12,20 @@ sha256 before it is moved into place, so a half-copied file is never used.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from edgemesh import paths
 from edgemesh.errors import CorruptArtifactError, ModelNotFoundError
-from edgemesh.sharding.package.manifest import MANIFEST_NAME, Manifest, verify_artifact
+from edgemesh.mesh.deployment_record import PackageRef
+from edgemesh.sharding.package.manifest import MANIFEST_NAME, verify_artifact
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +45,18 @@ def manifest_digest(manifest_bytes: bytes) -> str:
     return hashlib.sha256(manifest_bytes).hexdigest()[:16]
 
 
-def package_files(manifest: Manifest, needed: Iterable[str]) -> list[str]:
-    """The artifacts in ``needed`` plus the tokenizer (every stage can decode)."""
-    out = list(dict.fromkeys(needed))
-    if manifest.tokenizer.file and manifest.tokenizer.file not in out:
-        out.append(manifest.tokenizer.file)
-    return out
+def cache_folder(cache_root: Path, package: PackageRef) -> Path:
+    """``<cache_root>/<model>-<manifest sha>``: one folder per exact manifest."""
+    return Path(cache_root) / f"{_slug(package.name)}-{manifest_digest(package.manifest_bytes)}"
 
 
-def local_copy_ok(folder: Path, manifest_bytes: bytes, needed: Iterable[str]) -> bool:
+def local_copy_ok(folder: Path, package: PackageRef, needed: Iterable[str]) -> bool:
     """Does ``folder`` hold this exact manifest and intact copies of ``needed``?"""
     try:
-        if (Path(folder) / MANIFEST_NAME).read_bytes() != manifest_bytes:
+        if (Path(folder) / MANIFEST_NAME).read_bytes() != package.manifest_bytes:
             return False
-        manifest = Manifest.from_dict(json.loads(manifest_bytes))
         for rel in needed:
-            verify_artifact(Path(folder), manifest.artifact(rel))
+            verify_artifact(Path(folder), package.manifest.artifact(rel))
     except (OSError, ValueError, CorruptArtifactError, ModelNotFoundError):
         return False
     except Exception as exc:  # a ModelError for an unknown path: the folder is not ours
@@ -67,7 +66,7 @@ def local_copy_ok(folder: Path, manifest_bytes: bytes, needed: Iterable[str]) ->
 
 
 def ensure_artifacts(
-    manifest_bytes: bytes,
+    package: PackageRef,
     needed: Iterable[str],
     cache_root: Path,
     read: ReadChunk,
@@ -78,12 +77,12 @@ def ensure_artifacts(
     ``read``. Raises ``CorruptArtifactError`` naming the file when a fetched
     copy does not match its sha256 (the source's copy is bad).
     """
-    manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    folder = Path(cache_root) / f"{_slug(manifest.name)}-{manifest_digest(manifest_bytes)}"
+    manifest_bytes = package.manifest_bytes
+    folder = cache_folder(cache_root, package)
     folder.mkdir(parents=True, exist_ok=True)
     fetched = 0
     for rel in needed:
-        art = manifest.artifact(rel)
+        art = package.manifest.artifact(rel)
         try:
             verify_artifact(folder, art)
             continue
@@ -94,7 +93,7 @@ def ensure_artifacts(
     if not manifest_path.is_file() or manifest_path.read_bytes() != manifest_bytes:
         _atomic_write(manifest_path, manifest_bytes)
     if fetched:
-        log.info("fetched %d bytes of '%s' into %s", fetched, manifest.name, folder)
+        log.info("fetched %d bytes of '%s' into %s", fetched, package.name, folder)
     return folder
 
 
@@ -140,12 +139,11 @@ class ArtifactSource:
 
     def __init__(self, package_dir: str) -> None:
         self.root = Path(package_dir)
-        self.manifest_bytes = (self.root / MANIFEST_NAME).read_bytes()
-        manifest = Manifest.from_dict(json.loads(self.manifest_bytes))
-        self._allowed = {a.path for a in manifest.artifacts}
+        self.package = PackageRef.from_folder(self.root)
+        self._allowed = set(self.package.all_files())
 
     def manifest(self) -> bytes:
-        return self.manifest_bytes
+        return self.package.manifest_bytes
 
     def read(self, rel: str, offset: int, size: int) -> bytes:
         if rel not in self._allowed:
@@ -159,22 +157,29 @@ class MirrorSource(ArtifactSource):
     """An ``ArtifactSource`` that first copies a whole package from another
     source into this box's cache, so the package outlives the box it came from."""
 
-    def __init__(self, manifest_bytes: bytes, upstream: Any, box_id: str) -> None:
-        manifest = Manifest.from_dict(json.loads(manifest_bytes))
+    def __init__(self, package: PackageRef, upstream: Source, box_id: str) -> None:
         folder = ensure_artifacts(
-            manifest_bytes,
-            [a.path for a in manifest.artifacts],
-            default_cache_root(box_id),
-            source_reader(upstream),
+            package, package.all_files(), default_cache_root(box_id), source_reader(upstream)
         )
         super().__init__(str(folder))
 
 
-def source_reader(source: Any) -> ReadChunk:
+class ChunkSource(Protocol):
+    """What serves a package's files: an ``ArtifactSource``, or a Ray actor
+    handle of one (whose ``read`` has ``.remote``)."""
+
+    def read(self, rel: str, offset: int, size: int) -> bytes: ...
+
+
+Source: TypeAlias = "ChunkSource | ActorHandle[ArtifactSource]"
+"""An artifact source in this process, or the handle of one running as a Ray actor."""
+
+
+def source_reader(source: Source) -> ReadChunk:
     """A chunk reader over an ``ArtifactSource``: a Ray actor handle or a local object."""
     remote = getattr(getattr(source, "read", None), "remote", None)
     if remote is None:
-        return source.read
+        return source.read  # a local ArtifactSource (a handle's read has .remote)
     import ray
 
     return lambda rel, offset, size: ray.get(remote(rel, offset, size))

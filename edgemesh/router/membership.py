@@ -18,7 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgemesh.sharding.planner.boxes import BoxProfile
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class MembershipWatcher(threading.Thread):
         pipelines: Sequence[Any],
         *,
         period_s: float = 2.0,
-        measure: Callable[[str], dict[str, Any]] | None = None,
+        measure: Callable[[str], BoxProfile] | None = None,
     ) -> None:
         super().__init__(name="edgemesh-membership", daemon=True)
         self._ray = ray
@@ -97,7 +100,7 @@ class MembershipWatcher(threading.Thread):
                 log.warning("could not measure box %s: %r", box, exc)
 
 
-def measure_box(ray: Any, box: str, timeout_s: float = 600.0) -> dict[str, Any]:
+def measure_box(ray: Any, box: str, timeout_s: float = 600.0) -> BoxProfile:
     """A box's planner profile, measured on that box (cached there)."""
     from edgemesh.router.profiles import MeshBox, measure_profiles
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgemesh.mesh.deployment_record import PackageRef
 from edgemesh.mesh.deployments import RAY_NAMESPACE as NAMESPACE
 
 SOURCE_PREFIX = "edgemesh-artifacts-"
@@ -16,10 +17,11 @@ SOURCE_PREFIX = "edgemesh-artifacts-"
 
 
 def mirror_package(
-    ray: Any, name: str, manifest_bytes: bytes, *, source_box: str, path: str, head: str
+    ray: Any, name: str, package: PackageRef, *, source_box: str, path: str, head: str
 ) -> Any:
-    """Copy the package at ``path`` on ``source_box`` into the head's cache
-    (sha256-verified) and serve it from there; returns the mirror actor."""
+    """Copy ``package`` from ``path`` on ``source_box`` (its origin, or any box
+    holding a whole copy) into the head's cache (sha256-verified) and serve it
+    from there; returns the mirror actor (a Ray actor handle)."""
     from edgemesh.router.artifacts import ArtifactSource, MirrorSource
 
     opts = {"namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0}
@@ -36,7 +38,7 @@ def mirror_package(
     mirror = (
         ray.remote(MirrorSource)
         .options(name=mirror_name, resources={f"box:{head}": 0.001}, **opts)
-        .remote(manifest_bytes, origin, head)
+        .remote(package, origin, head)
     )
     try:
         ray.get(mirror.manifest.remote(), timeout=600)

@@ -13,10 +13,16 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgemesh.errors import ConfigError, ModelUnavailableError, PlanError
+from edgemesh.mesh.deployment_record import JSONObject
 from edgemesh.router.stage import StageSpec, wire_dtype
+
+if TYPE_CHECKING:
+    from edgemesh.sharding.package.manifest import Manifest
+    from edgemesh.sharding.planner.boxes import BoxProfile, Link
+    from edgemesh.sharding.planner.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +81,27 @@ class PlanPlacer:
 
     def __init__(
         self,
-        manifest: Any,
-        plan: Any,
-        profiles: Sequence[Any],
-        links: Sequence[Any] | None = None,
+        manifest: Manifest,
+        plan: Plan,
+        profiles: Sequence[BoxProfile] | Sequence[JSONObject],
+        links: Sequence[Link] | Sequence[JSONObject] | None = None,
         *,
         package_dir: str = "",
         origin_box: str | None = None,
         stage_defaults: dict[str, Any] | None = None,
     ) -> None:
+        from edgemesh.sharding.planner.boxes import BoxProfile, Link
+
         self.manifest = manifest
         # ``package_dir`` is a path on ``origin_box``; elsewhere it means
         # nothing, so other boxes fetch their artifacts (no shared filesystem).
         self.origin_box = origin_box
         self.plan = plan
-        self.profiles = list(profiles)
-        self.links = list(links or [])
+        # Profiles given as JSON (a ``--boxes`` file, a test) are parsed here, once.
+        self.profiles = [
+            p if isinstance(p, BoxProfile) else BoxProfile.from_dict(p) for p in profiles
+        ]
+        self.links = [ln if isinstance(ln, Link) else Link.from_dict(ln) for ln in links or []]
         self.package_dir = package_dir
         self.stage_defaults = dict(stage_defaults or {})
         self.margin = REPLAN_MARGIN
@@ -102,7 +113,7 @@ class PlanPlacer:
         grows): every box profiled at deploy time, including those the plan left
         out on purpose, so they do not count as new joins seconds later."""
 
-    def specs(self, plan: Any) -> list[StageSpec]:
+    def specs(self, plan: Plan) -> list[StageSpec]:
         return with_wires(
             [
                 StageSpec(
@@ -123,19 +134,19 @@ class PlanPlacer:
     def initial(self) -> list[StageSpec]:
         return self.specs(self.plan)
 
-    def add_profile(self, profile: dict[str, Any]) -> None:
+    def add_profile(self, profile: BoxProfile) -> None:
         """Know a box that was not profiled at deploy time (measured on joining)."""
-        self.profiles = [p for p in self.profiles if _box_id(p) != _box_id(profile)]
+        self.profiles = [p for p in self.profiles if p.id != profile.id]
         self.profiles.append(profile)
 
     def profiled(self) -> set[str]:
-        return {_box_id(p) for p in self.profiles}
+        return {p.id for p in self.profiles}
 
     def exclude(self, boxes: set[str] | frozenset[str]) -> None:
         """Leave ``boxes`` (drained) out of later plans; an empty set undrains."""
         self.excluded = frozenset(boxes)
 
-    def adopt(self, plan: Any) -> list[StageSpec]:
+    def adopt(self, plan: Plan) -> list[StageSpec]:
         """Make ``plan`` the current one (a re-plan applied from the dashboard);
         returns its stages for ``RayPipeline.move``."""
         self.plan = plan
@@ -184,9 +195,9 @@ class PlanPlacer:
         self.plan = plan
         return self.specs(plan)
 
-    def _over(self, ids: set[str] | frozenset[str]) -> tuple[list[Any], list[Any]]:
-        left = [p for p in self.profiles if _box_id(p) in ids]
-        return left, [ln for ln in self.links if _link_ends(ln) <= set(ids)]
+    def _over(self, ids: set[str] | frozenset[str]) -> tuple[list[BoxProfile], list[Link]]:
+        left = [p for p in self.profiles if p.id in ids]
+        return left, [ln for ln in self.links if {ln.a, ln.b} <= set(ids)]
 
     def after_loss(self, alive: set[str]) -> list[StageSpec]:
         alive = alive - self.excluded
@@ -194,13 +205,13 @@ class PlanPlacer:
             return self.specs(self.plan)
         from edgemesh.sharding.planner.replan import replan
 
-        left = [p for p in self.profiles if _box_id(p) in alive]
+        left = [p for p in self.profiles if p.id in alive]
         if not left:
             raise ModelUnavailableError(
                 f"no box of the mesh is left to run '{self.manifest.name}'",
                 hint="bring a box back; the model will not be served until then",
             )
-        ids = {_box_id(p) for p in left}
+        ids = {p.id for p in left}
         self._considered = frozenset(ids)
         left, links = self._over(ids)
         try:
@@ -222,17 +233,7 @@ class PlanPlacer:
         return self.specs(plan)
 
 
-def _box_id(profile: Any) -> str:
-    return profile["id"] if isinstance(profile, dict) else profile.id
-
-
-def _link_ends(link: Any) -> set[str]:
-    if isinstance(link, dict):
-        return {str(link.get("a")), str(link.get("b"))}
-    return {str(getattr(link, "a", "")), str(getattr(link, "b", ""))}
-
-
-def checked_plan(doc: dict[str, Any], manifest: Any, boxes: set[str]) -> Any:
+def checked_plan(doc: JSONObject, manifest: Manifest, boxes: set[str]) -> Plan:
     """A given plan, refused when it is for another model or names absent boxes."""
     from edgemesh.sharding.planner.plan import Plan
 

@@ -7,7 +7,12 @@ before the re-plan) and the gateway's mesh manager.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from edgemesh.mesh.deployment_record import JSONObject
+
+if TYPE_CHECKING:
+    from edgemesh.sharding.planner.boxes import BoxProfile
 
 
 @dataclass(frozen=True)
@@ -37,22 +42,23 @@ def mesh_boxes(ray: Any) -> list[MeshBox]:
 SERVE_RESERVE_BYTES = 800 * 1024 * 1024
 
 
-def box_profile(box_id: str, is_head: bool) -> dict[str, Any]:
+def box_profile(box_id: str, is_head: bool) -> JSONObject:
     """The box's planner profile with the memory its stages can really use
-    (``fingerprint.usable_profile``), less the head's Ray Serve share."""
+    (``fingerprint.usable_profile``), less the head's Ray Serve share. Runs on
+    the box; the driver parses it (``measure_profiles``)."""
     from edgemesh.fingerprint import usable_profile
 
-    return usable_profile(box_id, reserve_bytes=SERVE_RESERVE_BYTES if is_head else 0)
+    raw = usable_profile(box_id, reserve_bytes=SERVE_RESERVE_BYTES if is_head else 0)
+    return {**raw, "id": box_id}
 
 
-def measure_profiles(ray: Any, boxes: list[MeshBox], timeout_s: float = 600.0) -> list[dict]:
+def measure_profiles(ray: Any, boxes: list[MeshBox], timeout_s: float = 600.0) -> list[BoxProfile]:
     """Each box measures itself (on its own CPU) in a task pinned to it."""
+    from edgemesh.sharding.planner.boxes import BoxProfile
+
     task = ray.remote(box_profile)
     refs = [
         task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(b.id, b.is_head)
         for b in boxes
     ]
-    profiles = ray.get(refs, timeout=timeout_s)
-    for b, p in zip(boxes, profiles, strict=True):
-        p["id"] = b.id
-    return profiles
+    return [BoxProfile.from_dict(p) for p in ray.get(refs, timeout=timeout_s)]

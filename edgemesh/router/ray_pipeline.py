@@ -38,8 +38,10 @@ from edgemesh.errors import (
     ModelUnavailableError,
     require,
 )
+from edgemesh.mesh.deployment_record import JSONObject, PackageRef, StageInfo
 from edgemesh.pipeline import Pick, Picked
 from edgemesh.router.placement import Placer
+from edgemesh.router.artifacts import Source
 from edgemesh.router.stage import Batch, StageSpec, StageWorker
 
 log = logging.getLogger(__name__)
@@ -90,9 +92,9 @@ class RayPipeline:
     def __init__(
         self,
         placer: Placer,
-        manifest_bytes: bytes,
+        package: PackageRef,
         *,
-        source: Any = None,
+        source: Source | None = None,
         prefill_chunk: int = 256,
         ready_timeout_s: float = 600.0,
         settle_timeout_s: float = 60.0,
@@ -100,7 +102,7 @@ class RayPipeline:
     ) -> None:
         self._ray = require("ray", "mesh")
         self.placer = placer
-        self.manifest_bytes = manifest_bytes
+        self.package = package
         self.source = source
         self.prefill_chunk = prefill_chunk
         self.ready_timeout_s = ready_timeout_s
@@ -117,8 +119,8 @@ class RayPipeline:
         self.replans = 0
         self.replayed_tokens = 0
         self.last_recovery_s = 0.0
-        self.on_change: Callable[[list[dict[str, Any]]], None] | None = None
-        """Called with the new stage descriptions after a recovery (metrics)."""
+        self.on_change: Callable[[list[StageInfo]], None] | None = None
+        """Called with where the stages run after a recovery or a move."""
         specs = placer.initial()
         alive = self._alive_boxes()
         if any(s.box not in alive for s in specs):
@@ -195,9 +197,14 @@ class RayPipeline:
     def specs(self) -> list[StageSpec]:
         return list(self._specs)
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Per stage: box, layers, backend, precision, host and pid (for metrics)."""
-        return [dict(info) for info in self.stage_info]
+    def stages(self) -> list[StageInfo]:
+        """Per stage: box, layers, backend, precision, host and pid."""
+        with self._cond:
+            return list(self.stage_info)
+
+    def describe(self) -> list[JSONObject]:
+        """``stages()`` as JSON (for metrics and the dashboard)."""
+        return [info.to_dict() for info in self.stages()]
 
     def stage_stats(self, timeout: float = 5.0) -> list[dict[str, float]]:
         return self._ray.get([a.stats.remote() for a in self._actors], timeout=timeout)
@@ -359,7 +366,7 @@ class RayPipeline:
                 for job in retry:
                     self._launch(job)
             if self.on_change is not None:
-                self.on_change(self.describe())
+                self.on_change(self.stages())
             log.warning(
                 "stages placed again in %.1f s: %d sequences replayed, %d micro-batches re-run",
                 self.last_recovery_s,
@@ -419,7 +426,7 @@ class RayPipeline:
 
     def _start(
         self, specs: list[StageSpec], keep: dict[int, Any]
-    ) -> tuple[list[StageSpec], list[Any], list[dict[str, Any]]]:
+    ) -> tuple[list[StageSpec], list[Any], list[StageInfo]]:
         ray = self._ray
         remote = ray.remote(StageWorker)
         actors = []
@@ -433,7 +440,7 @@ class RayPipeline:
                     num_cpus=0,
                     max_concurrency=STAGE_CONCURRENCY,
                     max_restarts=0,
-                ).remote(spec.to_dict(), self.manifest_bytes, self.source)
+                ).remote(spec, self.package, self.source)
             )
         try:
             info = self._wait_ready(specs, actors)
@@ -447,13 +454,13 @@ class RayPipeline:
             log.info(
                 "stage %d: layers %s on box %s (pid %s)",
                 spec.index,
-                stage["layers"],
+                list(stage.layers),
                 spec.box,
-                stage["pid"],
+                stage.pid,
             )
         return list(specs), actors, list(info)
 
-    def _wait_ready(self, specs: list[StageSpec], actors: list[Any]) -> list[dict[str, Any]]:
+    def _wait_ready(self, specs: list[StageSpec], actors: list[Any]) -> list[StageInfo]:
         """Every stage's ``ready()``; raises ``StageBoxLost`` as soon as a box
         a stage waits for leaves (its actor would otherwise pend forever:
         no other node carries that box's resource)."""

@@ -16,6 +16,10 @@ agent seeds the new cluster's KV from its copy (``edgemesh.mesh.deployments``).
 A model no box holds whole is skipped with an error naming it (re-run
 ``edgemesh deploy`` from a box that has the package). Live streams of the
 old gateway are cut: they ran in the lost head's processes.
+
+With ``gateway=True`` (``edgemesh join --gateway``) the gateway starts even
+when the records list no model, so a fresh mesh's dashboard is there to
+deploy the first one from the page.
 """
 
 from __future__ import annotations
@@ -24,40 +28,53 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from edgemesh.errors import MeshError, ModelUnavailableError, require
+from edgemesh.errors import MeshError, ModelUnavailableError, RecordError, require
+from edgemesh.mesh.deployment_record import DeploymentRecord, PackageRef
 from edgemesh.reexec import edgemesh_argv
+from edgemesh.router.profiles import MeshBox
+
+if TYPE_CHECKING:
+    from edgemesh.mesh.deployments import DeploymentStore, RecordsJSON
+
+
+class Restored(TypedDict):
+    """What ``restore`` did (``edgemesh deploy --restore --json`` prints it)."""
+
+    gateway: str | None
+    restored: list[str]
+    skipped: dict[str, str]
+
 
 log = logging.getLogger(__name__)
 
 
-def _whole_copy(box: str, manifest_bytes: bytes, candidates: list[str]) -> str | None:
+def _whole_copy(box: str, package: PackageRef, candidates: list[str]) -> str | None:
     """On ``box``: the first of ``candidates`` (or the box's cache) holding the whole package."""
-    import json
+    from edgemesh.router.artifacts import cache_folder, default_cache_root, local_copy_ok
 
-    from edgemesh.router.artifacts import _slug, default_cache_root, local_copy_ok, manifest_digest
-    from edgemesh.sharding.package.manifest import Manifest
-
-    manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    cached = default_cache_root(box) / f"{_slug(manifest.name)}-{manifest_digest(manifest_bytes)}"
-    everything = [a.path for a in manifest.artifacts]
+    cached = cache_folder(default_cache_root(box), package)
+    everything = package.all_files()
     for folder in [*candidates, str(cached)]:
-        if folder and local_copy_ok(Path(folder), manifest_bytes, everything):
+        if folder and local_copy_ok(Path(folder), package, everything):
             return folder
     return None
 
 
-def find_whole_copy(ray: Any, record: dict[str, Any], boxes: list[Any]) -> tuple[str, str] | None:
+def find_whole_copy(
+    ray: Any, record: DeploymentRecord, boxes: list[MeshBox]
+) -> tuple[str, str] | None:
     """(box, path) of an intact whole copy of ``record``'s package, or None."""
     task = ray.remote(_whole_copy)
-    manifest_bytes = record["manifest"].encode()
-    origin = record.get("origin_box")
+    package = record.package
+    origin = package.origin_box
     order = sorted(boxes, key=lambda b: (b.id != origin, not b.is_head, b.id))
     refs = [
         task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(
-            b.id, manifest_bytes, [record.get("package_dir", "")] if b.id == origin else []
+            b.id, package, [package.path] if b.id == origin else []
         )
         for b in order
     ]
@@ -72,16 +89,32 @@ def find_whole_copy(ray: Any, record: dict[str, Any], boxes: list[Any]) -> tuple
     return None
 
 
-def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[str, Any]:
+def restore(
+    state_dir: Path | None = None,
+    *,
+    port: int | None = None,
+    gateway: bool = False,
+    host: str | None = None,
+    api_keys: list[str] | tuple[str, ...] = (),
+) -> Restored:
     """Re-deploy every recorded model onto the current head; returns
-    ``{"gateway": url, "restored": [names], "skipped": {name: why}}``."""
+    ``{"gateway": url, "restored": [names], "skipped": {name: why}}``. A
+    record this version cannot read (another format version) is skipped
+    with its error and kept as it is in the records.
+
+    ``gateway``: start the gateway (its dashboard and management API) even
+    with nothing to restore; ``host`` and ``api_keys`` then bind and guard it
+    as ``edgemesh deploy --host/--api-key`` would (kept in the records)."""
     ray = require("ray", "mesh")
     from edgemesh.mesh.deployments import read_records, write_records
+    from edgemesh.router.artifacts import Source
     from edgemesh.router.deploy import (
+        LOOPBACK,
         MESH_HOST,
         NAMESPACE,
         gateway_bind,
         gateway_keys,
+        key_digests,
     )
     from edgemesh.router.mirror import SOURCE_PREFIX, mirror_package
     from edgemesh.router.profiles import mesh_boxes
@@ -96,8 +129,13 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
         local = DeploymentStore(Path(state_dir) / "deployments.json").load()
         if _newer(local, doc):
             doc = local
-    if not doc.get("models") and not doc.get("graphs"):
+    if not doc.get("models") and not doc.get("graphs") and not gateway:
         return {"gateway": None, "restored": [], "skipped": {}}
+    if api_keys:
+        doc["api_key_sha256"] = key_digests(api_keys)
+    if host is not None or ("gateway_host" not in doc and not doc.get("models")):
+        # A fresh mesh: the safe default of `edgemesh deploy` (loopback unless keyed).
+        doc["gateway_host"] = host or (MESH_HOST if doc.get("api_key_sha256") else LOOPBACK)
     boxes = _wait_for_boxes(ray, state_dir, mesh_boxes)
     head = next((b for b in boxes if b.is_head), None)
     if head is None:
@@ -106,8 +144,16 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
     # Records from before --host bound the mesh address: keep that for them.
     bind, shown = gateway_bind(doc.get("gateway_host", MESH_HOST), head.address, keyed=True)
     url = f"http://{shown}:{port}/v1"
-    restored, skipped = [], {}
-    for name, record in sorted(doc["models"].items()):
+    restored: list[str] = []
+    skipped: dict[str, str] = {}
+    records: list[DeploymentRecord] = []
+    for name, raw in sorted(doc["models"].items()):
+        try:
+            record = DeploymentRecord.from_dict(raw)
+        except RecordError as exc:
+            skipped[name] = str(exc)
+            log.error("%s", skipped[name])
+            continue
         found = find_whole_copy(ray, record, boxes)
         if found is None:
             skipped[name] = str(
@@ -121,32 +167,41 @@ def restore(state_dir: Path | None = None, *, port: int | None = None) -> dict[s
         mirror_package(
             ray,
             name,
-            record["manifest"].encode(),
+            record.package,
             source_box=found[0],
             path=found[1],
             head=head.id,
         )
-        record["gateway"] = url
+        record = replace(record, gateway=url)
+        doc["models"][name] = record.to_dict()
+        records.append(record)
         restored.append(name)
     from edgemesh.router.graph_deploy import restore_graphs
 
     # Graph models' replicas first: the gateway opens what the records list.
     graphs = restore_graphs(ray, doc, boxes, url, state_dir)
     skipped.update(graphs["skipped"])
-    if restored or graphs["restored"]:
-        records = [doc["models"][n] for n in restored]
-        sources = {n: ray.get_actor(f"{SOURCE_PREFIX}{n}", namespace=NAMESPACE) for n in restored}
-        start_gateway(records, head.id, sources, host=bind, port=port, api_keys=gateway_keys(doc))
+    if graphs["restored"] and not (restored or gateway):
+        gateway = True  # the gateway serves them on /v2
+    if restored or gateway:
+        sources: dict[str, Source] = {
+            n: ray.get_actor(f"{SOURCE_PREFIX}{n}", namespace=NAMESPACE) for n in restored
+        }
+        keys = gateway_keys(doc.get("api_key_sha256") or [])
+        start_gateway(records, head.id, sources, host=bind, port=port, api_keys=keys)
         doc["gateway"] = url
         write_records(ray, doc, state_dir)
-    started = bool(restored or graphs["restored"])
+    started = bool(restored or gateway)
     restored += graphs["restored"]
-    return {"gateway": url if started else None, "restored": restored, "skipped": skipped}
+    return Restored(gateway=url if started else None, restored=restored, skipped=skipped)
 
 
 def _wait_for_boxes(
-    ray: Any, state_dir: Path | None, mesh_boxes: Any, timeout_s: float = 60.0
-) -> list[Any]:
+    ray: Any,
+    state_dir: Path | None,
+    mesh_boxes: Callable[[Any], list[MeshBox]],
+    timeout_s: float = 60.0,
+) -> list[MeshBox]:
     """The mesh's boxes with Ray nodes, once every box the agent lists has
     its node up (or ``timeout_s`` passed): after a head change
     the survivors re-join the new head one by one, and placing before they
@@ -168,7 +223,7 @@ def _wait_for_boxes(
         time.sleep(1.0)
 
 
-def _recorded_port(doc: dict[str, Any]) -> int | None:
+def _recorded_port(doc: RecordsJSON) -> int | None:
     from urllib.parse import urlparse
 
     url = doc.get("gateway") or next(
@@ -177,17 +232,25 @@ def _recorded_port(doc: dict[str, Any]) -> int | None:
     return urlparse(url).port if url else None
 
 
-def spawn_restore(state_dir: Path, store: Any) -> subprocess.Popen[bytes] | None:
+def spawn_restore(
+    state_dir: Path, store: DeploymentStore, gateway_args: list[str] | None = None
+) -> subprocess.Popen[bytes] | None:
     """For the agent of a box that just became head: run ``edgemesh deploy
-    --restore`` in the background when its records list models (log:
-    ``<state>/restore.log``). Returns the process, or None when nothing to do."""
+    --restore`` in the background when its records list models, or always
+    with ``gateway_args`` (``edgemesh join --gateway``: start the gateway
+    with whatever is recorded, nothing included; the list is passed on, e.g.
+    ``["--host", "mesh"]``). Log: ``<state>/restore.log``. Returns the
+    process, or None when nothing to do."""
     try:
-        if not store.models() and not store.load().get("graphs"):
+        if not store.models() and not store.load().get("graphs") and gateway_args is None:
             return None
     except Exception as exc:  # unreadable records: nothing to restore from
         log.warning("cannot read the deployment records: %r", exc)
-        return None
+        if gateway_args is None:
+            return None
     argv = edgemesh_argv("deploy", "--restore", "--state-dir", str(state_dir))
+    if gateway_args is not None:
+        argv += ["--gateway", *gateway_args]
     with open(Path(state_dir) / "restore.log", "ab") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -196,10 +259,12 @@ def spawn_restore(state_dir: Path, store: Any) -> subprocess.Popen[bytes] | None
     return proc
 
 
-def on_head(state_dir: Path, store: Any) -> Callable[[], None] | None:
+def on_head(
+    state_dir: Path, store: DeploymentStore, *, gateway_args: list[str] | None = None
+) -> Callable[[], None] | None:
     """The mesh agent's on-head hook (``Agent(on_head=...)``): start the
     restore, and return what stops it when the agent leaves."""
-    proc = spawn_restore(state_dir, store)
+    proc = spawn_restore(state_dir, store, gateway_args)
     return None if proc is None else (lambda: stop_restore(proc))
 
 

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.errors import MeshError, require
+from edgemesh.mesh.deployment_record import DeploymentRecord, StageInfo
+
+if TYPE_CHECKING:
+    from edgemesh.router.artifacts import Source
+    from edgemesh.sharding.planner.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +32,9 @@ class MeshGateway:
 
     def __init__(
         self,
-        records: list[dict[str, Any]],
+        records: list[DeploymentRecord],
         head_box: str,
-        sources: dict[str, Any],
+        sources: dict[str, Source],
         api_keys: Sequence[str] = (),
     ) -> None:
         import ray
@@ -43,7 +48,7 @@ class MeshGateway:
         self.sources = dict(sources)
         self.manager: Any = None  # the dashboard's MeshManager, once the app is built
         self.services = [
-            mesh_service(r, here=head_box, source=sources.get(r["name"]), on_change=self._changed)
+            mesh_service(r, here=head_box, source=sources.get(r.name), on_change=self._changed)
             for r in records
         ]
         self.watcher = MembershipWatcher(
@@ -68,7 +73,7 @@ class MeshGateway:
             self.services, api_keys=self.api_keys, manager=self.manager, graphs=self.graphs
         )
 
-    def _changed(self, name: str, stages: list[dict[str, Any]], plan: dict[str, Any]) -> None:
+    def _changed(self, name: str, stages: list[StageInfo], plan: Plan) -> None:
         if self.manager is not None:  # records it and logs the event
             self.manager._on_change(name, stages, plan)
         else:
@@ -89,9 +94,9 @@ class MeshGateway:
 
 
 def gateway_app(
-    records: list[dict[str, Any]],
+    records: list[DeploymentRecord],
     head_box: str,
-    sources: dict[str, Any],
+    sources: dict[str, Source],
     api_keys: Sequence[str] = (),
 ) -> Any:
     """The bound Serve application (``serve.run`` it)."""
@@ -106,9 +111,9 @@ def gateway_app(
 
 
 def start_gateway(
-    records: list[dict[str, Any]],
+    records: list[DeploymentRecord],
     head_box: str,
-    sources: dict[str, Any],
+    sources: dict[str, Source],
     *,
     host: str,
     port: int,

@@ -12,13 +12,12 @@ takes concurrent calls), the first caller runs all of them as one backend
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,14 @@ from typing import Any
 import numpy as np
 
 from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
-from edgemesh.errors import ConfigError, InferenceError
+from edgemesh.errors import ConfigError, InferenceError, ModelNotFoundError
+from edgemesh.mesh.deployment_record import PackageRef, StageInfo
 from edgemesh.pipeline import Pick, Picked, apply_picks
 from edgemesh.router.artifacts import (
     default_cache_root,
+    Source,
     ensure_artifacts,
     local_copy_ok,
-    package_files,
     source_reader,
 )
 
@@ -75,13 +75,17 @@ class StageSpec:
     def is_last(self) -> bool:
         return self.stop == self.num_layers
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str | int | None]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StageSpec:
+    def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
         return cls(**d)
 
+
+    def info(self) -> StageInfo:
+        """Where this stage runs, as the records keep it."""
+        return StageInfo(self.box, self.start, self.stop, self.backend, self.precision)
 
 def to_wire(hidden: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Hidden states as sent to the next stage, in ``dtype`` where they fit.
@@ -166,7 +170,7 @@ class _Job:
     batch: Batch
     picks: Sequence[Pick | None] | None
     done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
+    result: Batch | list[Picked | np.ndarray | None] | None = None
     error: BaseException | None = None
 
 
@@ -175,17 +179,15 @@ class StageWorker:
 
     def __init__(
         self,
-        spec: dict[str, Any] | StageSpec,
-        manifest_bytes: bytes,
-        source: Any = None,
+        spec: StageSpec,
+        package: PackageRef,
+        source: Source | None = None,
     ) -> None:
         from edgemesh.backends import registry
-        from edgemesh.sharding.package.folder import open_package
 
-        self.spec = spec if isinstance(spec, StageSpec) else StageSpec.from_dict(spec)
+        self.spec = spec
         s = self.spec
-        self.package_dir, self.fetched = self._package(manifest_bytes, source)
-        package = open_package(self.package_dir)
+        self.package_dir, self.fetched = self._package(package, source)
         cls = registry.require_available(s.backend)
         cache = Path(s.cache_root) if s.cache_root else default_cache_root(s.box)
         self.backend = cls(
@@ -197,7 +199,7 @@ class StageWorker:
                 max_sequences=s.max_sequences,
             ),
         )
-        self.hidden_size = package.manifest.hidden_size
+        self.hidden_size = package.manifest.hidden_size  # parsed once, by the driver
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._running = False
@@ -210,41 +212,34 @@ class StageWorker:
         """Sum over micro-batches of arrival here minus departure from the previous
         stage (wall clocks: meaningful where boxes keep NTP time)."""
 
-    def _package(self, manifest_bytes: bytes, source: Any) -> tuple[Path, bool]:
-        from edgemesh.sharding.package.manifest import Manifest
-        from edgemesh.sharding.package.folder import Package
-
+    def _package(self, package: PackageRef, source: Source | None) -> tuple[Path, bool]:
         s = self.spec
-        manifest = Manifest.from_dict(json.loads(manifest_bytes))
-        needed = package_files(
-            manifest, Package(Path("."), manifest).artifacts_for(s.start, s.stop, s.precision)
-        )
-        if s.package_dir and local_copy_ok(Path(s.package_dir), manifest_bytes, needed):
+        needed = package.range_files(s.start, s.stop, s.precision)
+        if s.package_dir and local_copy_ok(Path(s.package_dir), package, needed):
             return Path(s.package_dir), False
         if source is None:
-            from edgemesh.errors import ModelNotFoundError
-
             raise ModelNotFoundError(
-                f"box '{s.box}' has no intact copy of '{manifest.name}' at "
+                f"box '{s.box}' has no intact copy of '{package.name}' at "
                 f"'{s.package_dir}' and no artifact source was given"
             )
         cache_root = Path(s.cache_root) if s.cache_root else default_cache_root(s.box)
-        return ensure_artifacts(manifest_bytes, needed, cache_root, source_reader(source)), True
+        return ensure_artifacts(package, needed, cache_root, source_reader(source)), True
 
     # -- actor methods ----------------------------------------------------
 
-    def ready(self) -> dict[str, Any]:
-        """Where this stage runs (for metrics and status)."""
-        return {
-            "box": self.spec.box,
-            "layers": [self.spec.start, self.spec.stop],
-            "backend": self.spec.backend,
-            "precision": self.spec.precision,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "package_dir": str(self.package_dir),
-            "fetched": self.fetched,
-        }
+    def ready(self) -> StageInfo:
+        """Where this stage runs and who runs it (for metrics and status)."""
+        return StageInfo(
+            self.spec.box,
+            self.spec.start,
+            self.spec.stop,
+            self.spec.backend,
+            self.spec.precision,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            package_dir=str(self.package_dir),
+            fetched=self.fetched,
+        )
 
     def stats(self) -> dict[str, float]:
         return {
@@ -257,7 +252,7 @@ class StageWorker:
 
     def forward(
         self, batch: Batch, picks: Sequence[Pick | None] | None = None
-    ) -> Batch | list[Picked | None]:
+    ) -> Batch | list[Picked | np.ndarray | None]:
         """Run one micro-batch; merges with micro-batches waiting at the same time."""
         job = _Job(batch, picks)
         if batch.sent:
@@ -301,10 +296,12 @@ class StageWorker:
     # -- internals --------------------------------------------------------
 
     @staticmethod
-    def _result(job: _Job) -> Any:
+    def _result(job: _Job) -> Batch | list[Picked | np.ndarray | None]:
         if job.error is not None:
             raise job.error
         return job.result
+        if job.result is None:
+            raise InferenceError("a stage job finished without a result")
 
     def _run(self, jobs: list[_Job]) -> None:
         self.calls += 1
