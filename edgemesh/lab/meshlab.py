@@ -74,9 +74,9 @@ class MeshBox:
         return self._id
 
     def join(self) -> None:
-        argv = edgemesh_argv("join", "--mesh", self.mesh, "--secret-file", self.secret)
+        argv = edgemesh_argv("join", "--mesh", self.mesh, "--secret-file", str(self.secret))
         if not self.default_flags:
-            argv += ["--state-dir", self.state, "--box-id", self.id, "--interface", "eth0",
+            argv += ["--state-dir", str(self.state), "--box-id", self.id, "--interface", "eth0",
                      "--settle", "2"]  # fmt: skip
         self.proc = self.box.spawn(argv, env=self.box.env(), log=self.box.dir / "join.log")
 
@@ -261,7 +261,7 @@ class MeshLab:
         return out.returncode, plan, out.stderr
 
     def deploy(
-        self, on: MeshBox, package: Path, name: str, profiles: Path, plan: dict, port: int
+        self, on: MeshBox, package: Path, name: str, profiles: Path, plan: dict[str, Any], port: int
     ) -> dict[str, Any]:
         """``edgemesh deploy PACKAGE --plan`` run on box ``on``; returns the record."""
         plan_file = self.root / f"plan-{name}-{len(plan['stages'])}.json"
@@ -273,7 +273,8 @@ class MeshLab:
         )  # fmt: skip
         if out.returncode != 0:
             raise MeshError(f"edgemesh deploy failed:\n{out.stderr[-4000:]}\n{self.logs()}")
-        return json.loads(out.stdout)
+        record: dict[str, Any] = json.loads(out.stdout)
+        return record
 
     def save_logs(self, dest: Path, max_bytes: int = 2 << 20) -> Path:
         """Copy the lab's text logs (agents, Ray, Serve, stage workers) to ``dest``,
@@ -454,7 +455,10 @@ def metrics(base_url: str, model: str) -> dict[str, Any]:
     import httpx
 
     # /metrics is Prometheus text since issue 16; the JSON counters moved to /metrics/json.
-    return httpx.get(base_url.removesuffix("/v1") + "/metrics/json", timeout=30).json()[model]
+    counters: dict[str, Any] = httpx.get(
+        base_url.removesuffix("/v1") + "/metrics/json", timeout=30
+    ).json()[model]
+    return counters
 
 
 def load_1m() -> float:

@@ -23,7 +23,9 @@ def _divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
-def _conv_bn(cin: int, cout: int, k: int, s: int, groups: int = 1, act: type | None = nn.ReLU):
+def _conv_bn(
+    cin: int, cout: int, k: int, s: int, groups: int = 1, act: type | None = nn.ReLU
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -60,7 +62,7 @@ class _InvertedResidual(nn.Module):
         self.residual = s == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(x)
+        y: torch.Tensor = self.block(x)
         return x + y if self.residual else y
 
 
@@ -83,7 +85,7 @@ _SMALL = [
 class MobileNetV3Small(nn.Module):
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
-        layers = [_conv_bn(3, 16, 3, 2, act=nn.Hardswish)]
+        layers: list[nn.Module] = [_conv_bn(3, 16, 3, 2, act=nn.Hardswish)]
         layers += [_InvertedResidual(*cfg) for cfg in _SMALL]
         layers.append(_conv_bn(96, 576, 1, 1, act=nn.Hardswish))
         self.features = nn.Sequential(*layers)
@@ -95,7 +97,8 @@ class MobileNetV3Small(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 3, H, W]
-        return self.classifier(self.features(x).mean((2, 3)))  # [N, classes]
+        logits: torch.Tensor = self.classifier(self.features(x).mean((2, 3)))  # [N, classes]
+        return logits
 
 
 class _BasicBlock(nn.Module):
@@ -123,7 +126,8 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 3, H, W]
-        return self.fc(self.layers(self.stem(x)).mean((2, 3)))  # [N, classes]
+        logits: torch.Tensor = self.fc(self.layers(self.stem(x)).mean((2, 3)))  # [N, classes]
+        return logits
 
 
 class TinyDetector(nn.Module):
@@ -161,22 +165,24 @@ def _seeded(model: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            # BatchNorm2d keeps running statistics unless told not to; these all do.
+            assert m.running_mean is not None and m.running_var is not None
             with torch.no_grad():
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
 
 
-def mobilenet_v3_small(num_classes: int = 1000):
+def mobilenet_v3_small(num_classes: int = 1000) -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(0)
     return _seeded(MobileNetV3Small(num_classes), 0), (torch.randn(1, 3, 224, 224),)
 
 
-def resnet18(num_classes: int = 1000):
+def resnet18(num_classes: int = 1000) -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(1)
     return _seeded(ResNet18(num_classes), 1), (torch.randn(1, 3, 224, 224),)
 
 
-def tiny_detector(num_classes: int = 4):
+def tiny_detector(num_classes: int = 4) -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(2)
     return _seeded(TinyDetector(num_classes), 2), (torch.randn(1, 3, 320, 320),)

@@ -47,9 +47,10 @@ LAYER_OUTPUTS = ["hidden_out", "present_key", "present_value"]
 
 def _modules(torch: Any) -> dict[str, type]:
     """The nn.Module wrappers, defined lazily so torch is imported only here."""
-    nn = torch.nn
+    # torch arrives as an argument (imported lazily), so its Module is Any here.
+    module: Any = torch.nn.Module
 
-    class LayerPiece(nn.Module):
+    class LayerPiece(module):  # type: ignore[misc]
         """One decoder layer with an explicit KV cache (tensor in, tensor out)."""
 
         def __init__(self, layer: Any, spec: ArchSpec) -> None:
@@ -59,7 +60,9 @@ def _modules(torch: Any) -> dict[str, type]:
             self.groups = spec.num_heads // spec.num_kv_heads
             self.scaling = float(layer.self_attn.scaling)
 
-        def attention(self, x, cos, sin, mask, past_key, past_value):
+        def attention(
+            self, x: Any, cos: Any, sin: Any, mask: Any, past_key: Any, past_value: Any
+        ) -> tuple[Any, Any, Any]:
             attn, spec = self.layer.self_attn, self.spec
             d, kvh, g = spec.head_dim, spec.num_kv_heads, self.groups
             shape = (*x.shape[:-1], -1, d)
@@ -89,7 +92,9 @@ def _modules(torch: Any) -> dict[str, type]:
             out = out.transpose(1, 2).reshape(b, s, kvh * g * d)
             return attn.o_proj(out), key, value
 
-        def forward(self, hidden, cos, sin, mask, past_key, past_value):
+        def forward(
+            self, hidden: Any, cos: Any, sin: Any, mask: Any, past_key: Any, past_value: Any
+        ) -> tuple[Any, Any, Any]:
             layer = self.layer
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -103,7 +108,7 @@ def _modules(torch: Any) -> dict[str, type]:
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             return hidden, key, value
 
-    class ProloguePiece(nn.Module):
+    class ProloguePiece(module):  # type: ignore[misc]
         """cos/sin per rotary kind and additive masks per layer type."""
 
         def __init__(self, spec: ArchSpec, rope: dict[str, tuple[Any, float]]) -> None:
@@ -114,7 +119,7 @@ def _modules(torch: Any) -> dict[str, type]:
             for kind in self.kinds:
                 self.register_buffer(f"inv_freq_{kind}", rope[kind][0].float().clone())
 
-        def forward(self, position_ids, past_key):
+        def forward(self, position_ids: Any, past_key: Any) -> tuple[Any, ...]:
             total = past_key.shape[2] + position_ids.shape[1]
             # Keys sit at positions 0..T-1 of a contiguous cache.
             kpos = torch.arange(total, dtype=torch.int64)
@@ -135,14 +140,14 @@ def _modules(torch: Any) -> dict[str, type]:
                 outs.append(torch.where(allowed, 0.0, low).unsqueeze(1))  # [B,1,S,T]
             return tuple(outs)
 
-    class HeadPiece(nn.Module):
+    class HeadPiece(module):  # type: ignore[misc]
         """Final norm and LM head for the rows ``logit_index`` of the new tokens."""
 
         def __init__(self, norm: Any, lm_head: Any, spec: ArchSpec) -> None:
             super().__init__()
             self.norm, self.lm_head, self.spec = norm, lm_head, spec
 
-        def forward(self, hidden, logit_index):
+        def forward(self, hidden: Any, logit_index: Any) -> tuple[Any, Any]:
             # The norm is per row, so norming every row and then picking is the
             # same arithmetic as picking first; every row's normed state is an
             # output too (``hidden_norm``: what embeddings pool).
@@ -182,7 +187,7 @@ def rope_tables(model: Any, spec: ArchSpec) -> dict[str, tuple[Any, float]]:
 
 def _export(
     module: Any,
-    args: tuple,
+    args: tuple[Any, ...],
     inputs: list[str],
     outputs: list[str],
     axes: dict[str, dict[int, str]],

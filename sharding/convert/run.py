@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,7 @@ def convert(
     for i in range(spec.num_layers):
         fp32 = export.export_layer(model, spec, i)
         layer_macs.append(_matmul_macs(fp32))
-        save_all(fp32, f"layer_{i}", lambda p, i=i: piece_path("layer", p, i))
+        save_all(fp32, f"layer_{i}", partial(piece_path, "layer", index=i))
         model.model.layers[i] = torch.nn.Module()  # free the layer's weights
         say(f"layer {i + 1}/{spec.num_layers} exported")
     head = export.export_head(model, spec)

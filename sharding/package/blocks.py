@@ -55,5 +55,5 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.
         q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1)
     else:
         q = packed
-    w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+    w: np.ndarray = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
     return w.reshape(w.shape[0], -1)[:, :k]

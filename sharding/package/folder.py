@@ -295,6 +295,7 @@ class Package:
                 elif kind == "head":
                     ren = {"hidden": hidden(stop)}
                 else:
+                    assert index is not None  # range_pieces numbers every layer piece
                     t = types[index]
                     ren = {
                         "hidden": hidden(index),
@@ -366,7 +367,9 @@ class Package:
 SLIDING = "sliding_attention"
 
 
-def _mask_nodes(helper: Any, kinds: list[str], window: int | None) -> tuple[list, list, Any]:
+def _mask_nodes(
+    helper: Any, kinds: list[str], window: int | None
+) -> tuple[list[Any], list[Any], Any]:
     """Additive attention masks ``mask.<kind> [B,1,S,T]`` from ``position_ids
     [B,S]`` and ``key_position [B,T]``: a query sees a slot that holds an
     earlier-or-equal position of its own row (and, on sliding layers, one
@@ -377,7 +380,7 @@ def _mask_nodes(helper: Any, kinds: list[str], window: int | None) -> tuple[list
     from onnx import TensorProto, numpy_helper
 
     p = "mask_from_positions"
-    consts = {
+    consts: dict[str, np.ndarray] = {
         f"{p}/axis1": np.array([1], np.int64),
         f"{p}/axis2": np.array([2], np.int64),
         f"{p}/zero": np.array(0, np.int64),

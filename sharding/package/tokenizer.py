@@ -116,7 +116,7 @@ class HFTokenizer(Tokenizer):
     def _bytes(self, token_id: int) -> bytes:
         if token_id in self._special:
             return b""
-        piece = self._tok.id_to_token(int(token_id))
+        piece: str | None = self._tok.id_to_token(int(token_id))
         if piece is None:
             return b""
         if self._byte_level:

@@ -10,6 +10,7 @@ import numpy as np
 from edgemesh.errors import InfeasiblePlanError
 
 if TYPE_CHECKING:
+    from edgemesh.sharding.package.manifest import LayerCost
     from edgemesh.sharding.planner.costs import CostModel, Option
     from edgemesh.sharding.planner.plan import Plan
 
@@ -148,7 +149,7 @@ def diagnose_infeasible(model: CostModel) -> InfeasiblePlanError:
     )
 
 
-def _weight(cost, precision: str) -> int:
+def _weight(cost: LayerCost, precision: str) -> int:
     from edgemesh.sharding.planner.costs import weight_at
 
     return weight_at(cost, precision)

@@ -278,6 +278,10 @@ def optimize(
     return chain, choice, solver
 
 
+# One chosen stage: box, first layer, stop layer, next box (-1: none), option, link ms.
+_Pick = tuple[int, int, int, int, int, float]
+
+
 def assemble(
     model: CostModel,
     chain: Chain,
@@ -289,15 +293,17 @@ def assemble(
     from edgemesh.sharding.planner.explain import left_out_reason
 
     n = len(model.boxes)
-    picks = []
+    picks: list[_Pick] = []
     for b, j, k, c in chain.stages:
         o = int(choice[b, c if c >= 0 else n, j, k])
-        link = model.link_ms[b, c] if c >= 0 else 0.0
-        picks.append([b, j, k, c, o, link])
+        link = float(model.link_ms[b, c]) if c >= 0 else 0.0
+        picks.append((b, j, k, c, o, link))
     bottleneck = max(model.costs[b].options[o].time[j, k] + link for b, j, k, c, o, link in picks)
     if model.options.objective == "throughput" and model.options.prefer_accuracy:
-        for pick in picks:
-            pick[4] = _most_accurate(model, pick, bottleneck, moved)
+        picks = [
+            (b, j, k, c, _most_accurate(model, (b, j, k, c, o, link), bottleneck, moved), link)
+            for b, j, k, c, o, link in picks
+        ]
 
     stages = []
     for b, j, k, c, o, link in picks:
@@ -352,7 +358,7 @@ def assemble(
 
 
 def _most_accurate(
-    model: CostModel, pick: list, bottleneck: float, moved: list[np.ndarray] | None
+    model: CostModel, pick: _Pick, bottleneck: float, moved: list[np.ndarray] | None
 ) -> int:
     """The option for a stage that keeps it within the bottleneck and moves
     the fewest layers, then is the most accurate, then the best backend."""

@@ -29,7 +29,7 @@ from edgemesh.sharding.package.manifest import Manifest
 from edgemesh.sharding.planner.boxes import BoxProfile, Link, as_boxes, as_links
 from edgemesh.sharding.planner.costs import CostModel, PlanOptions
 from edgemesh.sharding.planner.plan import Plan, assemble, optimize, score_tables
-from edgemesh.sharding.planner.solver import solve
+from edgemesh.sharding.planner.solver import Chain, solve
 
 BISECTION_STEPS = 40
 
@@ -82,7 +82,7 @@ def replan(
     budget = best.value * (1 + options.replan_tolerance)
     order = model.by_memory()
 
-    def at(lam: float):
+    def at(lam: float) -> tuple[Chain, np.ndarray, float]:
         score, last, ch = score_tables(model, moved=moved, move_weight=lam)
         chain, _ = solve(score, last, "sum", order)
         assert chain is not None  # the λ = 0 chain is finite, so every λ has one
@@ -107,7 +107,7 @@ def replan(
     return assemble(model, chain, chosen, solver, moved)
 
 
-def _moves(chain, choice: np.ndarray, moved: list[np.ndarray], n: int) -> float:
+def _moves(chain: Chain, choice: np.ndarray, moved: list[np.ndarray], n: int) -> float:
     total = 0.0
     for b, j, k, c in chain.stages:
         o = int(choice[b, c if c >= 0 else n, j, k])

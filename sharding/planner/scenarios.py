@@ -12,6 +12,7 @@ splits under the same cost model.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,13 @@ def llm_7b_like() -> Manifest:
     )
 
 
-def _box(box_id: str, memory_gb: float, backends: list[str], compute: dict, link: tuple) -> dict:
+def _box(
+    box_id: str,
+    memory_gb: float,
+    backends: list[str],
+    compute: Mapping[str, tuple[float, float]],
+    link: tuple[float, float],
+) -> dict[str, Any]:
     return {
         "id": box_id,
         "memory_limit_bytes": int(memory_gb * 1e9),
@@ -108,7 +115,7 @@ def _box(box_id: str, memory_gb: float, backends: list[str], compute: dict, link
     }
 
 
-def pi5(box_id: str = "pi5", memory_gb: float = 7.9) -> dict:
+def pi5(box_id: str = "pi5", memory_gb: float = 7.9) -> dict[str, Any]:
     """Raspberry Pi 5 (Cortex-A76 ×4, LPDDR4X), onnxruntime on the CPU."""
     compute = {
         "onnxruntime/fp32": (30, 8),
@@ -118,7 +125,7 @@ def pi5(box_id: str = "pi5", memory_gb: float = 7.9) -> dict:
     return _box(box_id, memory_gb, ["onnxruntime"], compute, (0.94, 0.3))
 
 
-def orin(box_id: str = "orin") -> dict:
+def orin(box_id: str = "orin") -> dict[str, Any]:
     """Jetson Orin Nano 8 GB (memory shared with the GPU), TensorRT first."""
     compute = {
         "tensorrt/fp16": (2500, 55),
@@ -129,7 +136,7 @@ def orin(box_id: str = "orin") -> dict:
     return _box(box_id, 7.6, ["tensorrt", "onnxruntime"], compute, (0.94, 0.3))
 
 
-def nuc(box_id: str = "nuc") -> dict:
+def nuc(box_id: str = "nuc") -> dict[str, Any]:
     """Intel NUC (Core i7, 16 GB DDR5), OpenVINO first."""
     compute = {
         "openvino/fp32": (250, 30),
@@ -141,7 +148,7 @@ def nuc(box_id: str = "nuc") -> dict:
     return _box(box_id, 15.5, ["openvino", "onnxruntime"], compute, (2.5, 0.2))
 
 
-def rk3588(box_id: str = "rk3588") -> dict:
+def rk3588(box_id: str = "rk3588") -> dict[str, Any]:
     """RK3588 board, 8 GB: the NPU through RKNN, the CPU through onnxruntime."""
     compute = {
         "rknn/fp16": (500, 12),
@@ -152,7 +159,7 @@ def rk3588(box_id: str = "rk3588") -> dict:
     return _box(box_id, 7.8, ["rknn", "onnxruntime"], compute, (0.94, 0.3))
 
 
-def tiny(box_id: str = "tiny") -> dict:
+def tiny(box_id: str = "tiny") -> dict[str, Any]:
     """A 512 MB board (~420 MB after the OS): too small for a 7B layer."""
     return _box(box_id, 0.42, ["onnxruntime"], {"onnxruntime/int4": (10, 3)}, (0.1, 1.0))
 

@@ -22,6 +22,7 @@ result is a function of the inputs alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,11 @@ class Chain:
     stages: tuple[tuple[int, int, int, int], ...]
 
 
-def _op(combine: str):
+# np.maximum or np.add: how a stage's cost combines with the rest of the chain.
+_Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _op(combine: str) -> _Combine:
     if combine == "max":
         return np.maximum
     if combine == "sum":
@@ -53,7 +58,7 @@ def _extend(
     stage: np.ndarray,
     rest: np.ndarray,
     c: int,
-    op,
+    op: _Combine,
 ) -> None:
     """Fold 'stage [j, k) then the best chain from k starting on c' into best (in place)."""
     vals = op(stage, rest[None, :])  # [L+1 (j), L+1 (k)]
