@@ -215,3 +215,64 @@ def test_a_pooled_pass_through_cut_ranges_takes_no_slot(package: Path, backend: 
         pipe.forward([SeqInput(5, 3, tokens=ids[3:4])])
     finally:
         pipe.close()
+
+
+def _package_without_hidden_norm(package: Path, out: Path) -> Path:
+    """A copy of ``package`` as converted before the head exported hidden_norm."""
+    import hashlib
+    import json
+    import shutil
+
+    import onnx
+
+    shutil.copytree(package, out)
+    head = out / "fp32" / "head.onnx"
+    model = onnx.load(str(head), load_external_data=False)
+    kept = [o for o in model.graph.output if o.name != "hidden_norm"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    head.write_bytes(model.SerializeToString())
+    manifest = json.loads((out / "manifest.json").read_text())
+    for art in manifest["artifacts"]:
+        if art["path"] == "fp32/head.onnx":
+            art["sha256"] = hashlib.sha256(head.read_bytes()).hexdigest()
+            art["bytes"] = head.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_package_without_hidden_norm_says_to_reconvert(package: Path, tmp_path: Path) -> None:
+    from edgemesh.backends.base import BackendOptions, SeqInput
+    from edgemesh.errors import RequestError
+    from edgemesh.limits import ServingLimits
+    from edgemesh.sharding.pipeline import load_pipeline
+    from tests.conftest import LiveServer
+
+    old = _package_without_hidden_norm(package, tmp_path / "old")
+    options = BackendOptions(threads=1, context_length=128, max_sequences=2)
+    pipe = load_pipeline(old, [1], "fp32", backend="onnxruntime", options=options)
+    try:
+        assert not pipe.backends[-1].can_pool
+        with pytest.raises(RequestError, match="re-convert") as err:
+            pipe.forward([SeqInput(-1, 0, tokens=np.arange(4, dtype=np.int64), logits="pooled")])
+        assert err.value.code == "embeddings_unsupported"
+        assert [b._seqs for b in pipe.backends] == [{}, {}]  # nothing cached on either range
+    finally:
+        pipe.close()
+    svc = load_service(
+        ModelSource("old", old, "package"),
+        LocalOptions(
+            ServingLimits(threads=1, context_length=128, max_sequences=2),
+            backend="onnxruntime",
+            precision="fp32",
+        ),
+    )
+    try:
+        with LiveServer(create_app([svc])) as live:
+            c = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as bad:
+                c.embeddings.create(model="old", input="the cat")
+            assert bad.value.code == "embeddings_unsupported"
+            assert c.completions.create(model="old", prompt="hi", max_tokens=3).choices[0].text
+    finally:
+        svc.close()
