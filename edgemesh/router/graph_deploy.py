@@ -87,8 +87,11 @@ def place_replicas(
     origin_box: str | None,
     package_dir: str,
     options: GraphDeployOptions,
+    at_most: bool = False,
 ) -> Placed:
-    """Start a replica on each of ``boxes``, keep the best; see the module docstring."""
+    """Start a replica on each of ``boxes``, keep the best; see the module docstring.
+    ``at_most``: ``replicas=N`` with fewer able boxes keeps them all (a restore
+    after boxes were lost serves on fewer rather than not at all)."""
     remove_replicas(ray, name, boxes)
     cls = ray.remote(GraphReplicaActor)
     actors = {
@@ -129,9 +132,11 @@ def place_replicas(
                 f"no box of the mesh can serve '{name}': "
                 + "; ".join(f"{b}: {why}" for b, why in sorted(refused.items())),
             )
+        wanted = options.replicas
+        if wanted is not None and at_most:
+            wanted = min(wanted, len(infos))
         chosen = choose_replicas(
-            [Candidate(b, infos[b].get("measured_p50_ms")) for b in sorted(infos)],
-            options.replicas,
+            [Candidate(b, infos[b].get("measured_p50_ms")) for b in sorted(infos)], wanted
         )
     except PlanError:
         for a in actors.values():
@@ -379,6 +384,7 @@ def restore_graphs(
                 origin_box=found[0],
                 package_dir=found[1],
                 options=options,
+                at_most=True,
             )
         except EdgemeshError as exc:
             skipped[name] = str(exc)
