@@ -5,12 +5,12 @@ before versions existed (the form on disk before this change)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from edgemesh.errors import RecordError, RecordVersionError
-from edgemesh.limits import ServingLimits
 from edgemesh.mesh.deployment_record import (
     RECORD_VERSION,
     DeploymentRecord,
@@ -72,7 +72,6 @@ def record(ref: PackageRef, placed: Plan) -> DeploymentRecord:
         [Link("a", "b", 0.94, 0.3)],
         gateway="http://127.0.0.1:8000/v1",
         deployed=1700000000.5,
-        limits=ServingLimits(max_queue=7),
     )
 
 
@@ -120,10 +119,19 @@ def test_a_record_round_trips_through_json_and_msgpack(record: DeploymentRecord)
     # The manifest travels as its exact bytes (cache folders are named by their sha256).
     assert back.package.manifest_bytes == record.package.manifest_bytes
     assert back.package.manifest == record.package.manifest
-    assert back.limits == ServingLimits(max_queue=7)
     assert [s.layers for s in back.stages] == [
         (s.layers.start, s.layers.stop) for s in record.plan.stages
     ]
+
+
+def test_a_record_carries_its_serving_limits(record: DeploymentRecord) -> None:
+    from edgemesh.limits import ServingLimits
+
+    limited = replace(record, limits=ServingLimits(max_queue=7, threads=2))
+    wire = json.loads(json.dumps(limited.to_dict()))
+    assert wire["limits"]["max_queue"] == 7
+    assert DeploymentRecord.from_dict(wire).limits == ServingLimits(max_queue=7, threads=2)
+    assert "limits" not in record.to_dict()  # none given: the defaults, nothing written
 
 
 def test_a_record_without_a_version_reads_as_version_1(record: DeploymentRecord) -> None:

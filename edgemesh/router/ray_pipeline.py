@@ -40,8 +40,8 @@ from edgemesh.errors import (
 )
 from edgemesh.mesh.deployment_record import JSONObject, PackageRef, StageInfo
 from edgemesh.pipeline import Pick, Picked
-from edgemesh.router.placement import Placer
 from edgemesh.router.artifacts import Source
+from edgemesh.router.placement import Placer
 from edgemesh.router.stage import Batch, StageSpec, StageWorker
 
 log = logging.getLogger(__name__)

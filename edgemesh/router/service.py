@@ -8,18 +8,25 @@ process (``LocalPipeline``) and no request leaves the box; otherwise a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.engine import Engine, EngineConfig
 from edgemesh.gateway.service import ModelService
+from edgemesh.mesh.deployment_record import DeploymentRecord, PackageRef, StageInfo
 from edgemesh.pipeline import LocalPipeline
-from edgemesh.router.artifacts import default_cache_root, ensure_artifacts, source_reader
+from edgemesh.router.artifacts import Source, default_cache_root, ensure_artifacts, source_reader
 from edgemesh.router.placement import PlanPlacer
 from edgemesh.router.stage import StageSpec
+
+if TYPE_CHECKING:
+    from edgemesh.router.ray_pipeline import RayPipeline
+    from edgemesh.sharding.planner.plan import Plan
+
+OnChange = Callable[[str, list[StageInfo], "Plan"], None]
+"""``on_change(model, stages, plan)``: the stages of ``model`` moved (a loss, a join)."""
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +39,25 @@ def ray_running() -> bool:
     return bool(ray.is_initialized())
 
 
-def local_package(record: dict[str, Any], manifest_bytes: bytes, box: str, source: Any) -> Path:
+def local_package(package: PackageRef, box: str, source: Source | None) -> Path:
     """A folder on this box with the whole package (its own copy, or fetched)."""
+    from edgemesh.errors import ModelNotFoundError
     from edgemesh.router.artifacts import local_copy_ok
-    from edgemesh.sharding.package.manifest import Manifest
 
-    manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    everything = [a.path for a in manifest.artifacts]
-    hint = Path(record.get("package_dir", ""))
-    mine = record.get("origin_box") in (None, box)  # the path means something only there
-    if mine and record.get("package_dir") and local_copy_ok(hint, manifest_bytes, everything):
-        return hint
-    return ensure_artifacts(
-        manifest_bytes, everything, default_cache_root(box), source_reader(source)
-    )
+    everything = package.all_files()
+    hint = package.path_on(box)  # the path means something only on the origin box
+    if hint and local_copy_ok(Path(hint), package, everything):
+        return Path(hint)
+    if source is None:
+        raise ModelNotFoundError(
+            f"box '{box}' has no intact copy of '{package.name}' and no artifact source was given"
+        )
+    return ensure_artifacts(package, everything, default_cache_root(box), source_reader(source))
 
 
 def in_process_pipeline(
     package: Path, specs: Sequence[StageSpec], *, here: str | None = None
-) -> tuple[LocalPipeline, list[dict[str, Any]]]:
+) -> tuple[LocalPipeline, list[StageInfo]]:
     """The stages' backends chained in this process (``LocalPipeline``): the
     single-box path of the gateway and of ``edgemesh serve PACKAGE``. All
     stages use the first stage's backend, threads and sequence budget."""
@@ -70,21 +77,20 @@ def in_process_pipeline(
         ),
     )
     where = [
-        {
-            "box": here or "local",
-            "layers": [s.start, s.stop],
-            "backend": s.backend,
-            "precision": s.precision,
-            "in_process": True,
-        }
+        StageInfo(here or "local", s.start, s.stop, s.backend, s.precision, in_process=True)
         for s in specs
     ]
     return pipe, where
 
 
 def build_pipeline(
-    placer: PlanPlacer, manifest_bytes: bytes, *, here: str | None, package: Path, source: Any
-) -> tuple[Any, list[dict[str, Any]]]:
+    placer: PlanPlacer,
+    ref: PackageRef,
+    *,
+    here: str | None,
+    package: Path,
+    source: Source | None,
+) -> tuple[LocalPipeline | RayPipeline, list[StageInfo]]:
     """The pipeline for ``placer``'s stages and a description of where they run."""
     specs = placer.initial()
     if (len(specs) == 1 and specs[0].box == here) or not ray_running():
@@ -92,18 +98,18 @@ def build_pipeline(
         return in_process_pipeline(package, specs, here=here)
     from edgemesh.router.ray_pipeline import RayPipeline
 
-    pipe = RayPipeline(placer, manifest_bytes, source=source)
-    return pipe, pipe.describe()
+    pipe = RayPipeline(placer, ref, source=source)
+    return pipe, pipe.stages()
 
 
 def mesh_service(
-    record: dict[str, Any],
+    record: DeploymentRecord,
     *,
     here: str | None,
-    source: Any,
+    source: Source | None,
     max_sequences: int | None = None,
     max_queue: int = 64,
-    on_change: Callable[[str, list[dict[str, Any]], dict[str, Any]], None] | None = None,
+    on_change: OnChange | None = None,
 ) -> ModelService:
     """Open one deployed model (a record written by ``edgemesh deploy``).
 
@@ -115,31 +121,30 @@ def mesh_service(
 
     ``on_change(name, stages, plan)`` is called after the stages moved (a
     loss or a join), from the pipeline's recovery thread."""
-    from edgemesh.sharding.package.manifest import Manifest
-    from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.planner.plan import Plan
+    from edgemesh.sharding.package.folder import Package
 
-    manifest_bytes = record["manifest"].encode()
-    manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    package = local_package(record, manifest_bytes, here or "local", source)
-    plan = Plan.from_dict(record["plan"])
+    ref = record.package
+    manifest = ref.manifest
+    package = local_package(ref, here or "local", source)
+    plan = record.plan
     context = min(plan.context, manifest.context_length)
     slots = min(max_sequences or plan.sequences, plan.sequences)
     placer = PlanPlacer(
         manifest,
         plan,
-        record.get("profiles", []),
-        record.get("links", []),
-        package_dir=record.get("package_dir", ""),
-        origin_box=record.get("origin_box"),
+        record.profiles,
+        record.links,
+        package_dir=ref.path,
+        origin_box=ref.origin_box,
         stage_defaults={
             "max_sequences": slots,
             "context_length": context,
-            "threads": record.get("threads"),
+            "threads": record.extra.get("threads"),
         },
     )
-    pipe, where = build_pipeline(placer, manifest_bytes, here=here, package=package, source=source)
-    tokenizer = open_package(package).tokenizer()
+    pipe, where = build_pipeline(placer, ref, here=here, package=package, source=source)
+    # The manifest is the record's, parsed once: no second read of manifest.json.
+    tokenizer = Package(package, manifest).tokenizer()
     engine = Engine(
         pipe,
         tokenizer,
@@ -147,21 +152,28 @@ def mesh_service(
     )
     info: dict[str, Any] = {
         "backend": "mesh",
-        "stages": where,
+        "stages": [s.to_dict() for s in where],
         "plan": {"bottleneck_ms": plan.bottleneck_ms},
         "recoveries": 0,
         "replans": 0,
     }
-    if hasattr(pipe, "on_change"):
+    from edgemesh.router.ray_pipeline import RayPipeline
 
-        def changed(stages: list[dict[str, Any]]) -> None:
-            info.update(stages=stages, recoveries=pipe.recoveries, replans=pipe.replans)
+    if isinstance(pipe, RayPipeline):
+        mesh_pipe = pipe
+
+        def changed(stages: list[StageInfo]) -> None:
+            info.update(
+                stages=[s.to_dict() for s in stages],
+                recoveries=mesh_pipe.recoveries,
+                replans=mesh_pipe.replans,
+            )
             info["plan"] = {"bottleneck_ms": placer.plan.bottleneck_ms}
             if on_change is not None:
                 try:
-                    on_change(record["name"], stages, placer.plan.to_dict())
+                    on_change(record.name, stages, placer.plan)
                 except Exception as exc:  # the record is a mirror: serving goes on
                     log.warning("could not update the deployment record: %r", exc)
 
-        pipe.on_change = changed
-    return ModelService(name=record["name"], engine=engine, tokenizer=tokenizer, info=info)
+        mesh_pipe.on_change = changed
+    return ModelService(name=record.name, engine=engine, tokenizer=tokenizer, info=info)

@@ -29,8 +29,8 @@ from edgemesh.errors import ConfigError, InferenceError, ModelNotFoundError
 from edgemesh.mesh.deployment_record import PackageRef, StageInfo
 from edgemesh.pipeline import Pick, Picked, apply_picks
 from edgemesh.router.artifacts import (
-    default_cache_root,
     Source,
+    default_cache_root,
     ensure_artifacts,
     local_copy_ok,
     source_reader,
@@ -82,10 +82,10 @@ class StageSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
         return cls(**d)
 
-
     def info(self) -> StageInfo:
         """Where this stage runs, as the records keep it."""
         return StageInfo(self.box, self.start, self.stop, self.backend, self.precision)
+
 
 def to_wire(hidden: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Hidden states as sent to the next stage, in ``dtype`` where they fit.
@@ -299,9 +299,9 @@ class StageWorker:
     def _result(job: _Job) -> Batch | list[Picked | np.ndarray | None]:
         if job.error is not None:
             raise job.error
-        return job.result
         if job.result is None:
             raise InferenceError("a stage job finished without a result")
+        return job.result
 
     def _run(self, jobs: list[_Job]) -> None:
         self.calls += 1

@@ -106,6 +106,52 @@ def write_piece(model: Any, folder: Path, rel: str, threshold: int = 1024) -> li
     return written
 
 
+def manifest_precisions(manifest: Manifest) -> list[str]:
+    """The precisions the package has graphs for."""
+    return list(manifest.extra.get("graphs", {}).get("precisions", []))
+
+
+def check_range(manifest: Manifest, start: int, stop: int, precision: str) -> None:
+    """Refuse a layer range outside the model or a precision it was not converted to."""
+    if not 0 <= start < stop <= manifest.num_layers:
+        raise ConfigError(
+            f"layer range [{start}, {stop}) is not inside the model's {manifest.num_layers} layers"
+        )
+    precisions = manifest_precisions(manifest)
+    if precision not in precisions:
+        raise ConfigError(
+            f"package '{manifest.name}' has no {precision} graphs",
+            hint=f"available: {', '.join(precisions)}",
+        )
+
+
+def range_pieces(
+    manifest: Manifest, start: int, stop: int, precision: str
+) -> list[tuple[str, int | None, str]]:
+    """``(kind, layer index, graph path)`` of each piece of ``[start, stop)``, in order."""
+    check_range(manifest, start, stop, precision)
+    out: list[tuple[str, int | None, str]] = [("prologue", None, PROLOGUE)]
+    if start == 0:
+        out.append(("embed", None, piece_path("embed", precision)))
+    out += [("layer", i, piece_path("layer", precision, i)) for i in range(start, stop)]
+    if stop == manifest.num_layers:
+        out.append(("head", None, piece_path("head", precision)))
+    return out
+
+
+def range_artifacts(manifest: Manifest, start: int, stop: int, precision: str) -> list[str]:
+    """The artifact paths a layer range loads (graphs and their weight files),
+    from the manifest alone: a box that has no copy of the package yet knows
+    what to fetch."""
+    names = {a.path for a in manifest.artifacts}
+    out = []
+    for _, _, rel in range_pieces(manifest, start, stop, precision):
+        out.append(rel)
+        if f"{rel}.data" in names:
+            out.append(f"{rel}.data")
+    return out
+
+
 @dataclass
 class Package:
     """A converted model folder and its manifest."""
@@ -119,41 +165,20 @@ class Package:
 
     @property
     def precisions(self) -> list[str]:
-        return list(self.manifest.extra.get("graphs", {}).get("precisions", []))
+        return manifest_precisions(self.manifest)
 
     def layer_types(self) -> list[str]:
         return list(self.manifest.extra["layer_types"])
 
     def check_range(self, start: int, stop: int, precision: str) -> None:
-        if not 0 <= start < stop <= self.num_layers:
-            raise ConfigError(
-                f"layer range [{start}, {stop}) is not inside the model's {self.num_layers} layers"
-            )
-        if precision not in self.precisions:
-            raise ConfigError(
-                f"package '{self.manifest.name}' has no {precision} graphs",
-                hint=f"available: {', '.join(self.precisions)}",
-            )
+        check_range(self.manifest, start, stop, precision)
 
     def pieces(self, start: int, stop: int, precision: str) -> list[tuple[str, int | None, str]]:
         """``(kind, layer index, graph path)`` of each piece of the range, in order."""
-        self.check_range(start, stop, precision)
-        out: list[tuple[str, int | None, str]] = [("prologue", None, PROLOGUE)]
-        if start == 0:
-            out.append(("embed", None, piece_path("embed", precision)))
-        out += [("layer", i, piece_path("layer", precision, i)) for i in range(start, stop)]
-        if stop == self.num_layers:
-            out.append(("head", None, piece_path("head", precision)))
-        return out
+        return range_pieces(self.manifest, start, stop, precision)
 
     def artifacts_for(self, start: int, stop: int, precision: str) -> list[str]:
-        names = {a.path for a in self.manifest.artifacts}
-        out = []
-        for _, _, rel in self.pieces(start, stop, precision):
-            out.append(rel)
-            if f"{rel}.data" in names:
-                out.append(f"{rel}.data")
-        return out
+        return range_artifacts(self.manifest, start, stop, precision)
 
     def verify(self, rel_paths: list[str]) -> None:
         """sha256 of each listed artifact against the manifest; raises CorruptArtifactError."""
