@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from edgemesh.errors import ConfigError
+from edgemesh.limits import DEFAULT_LIMITS, ServingLimits
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 
@@ -119,13 +120,30 @@ class BoxFacts:
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """Runtime knobs from the fingerprint and config (never from env vars)."""
+    """Runtime knobs from the fingerprint and config (never from env vars).
 
-    threads: int | None = None
+    The serving limits' share (threads, context, sequence slots) comes from
+    ``ServingLimits`` (``for_limits``); the defaults here are its defaults."""
+
+    threads: int | None = DEFAULT_LIMITS.threads
     device: str = "cpu"
     cache_dir: Path | None = None
     context_length: int | None = None
-    max_sequences: int = 16
+    """None: the model's own context."""
+    max_sequences: int = DEFAULT_LIMITS.max_sequences
+
+    @classmethod
+    def for_limits(
+        cls, limits: ServingLimits, *, device: str = "cpu", cache_dir: Path | None = None
+    ) -> BackendOptions:
+        """The options a backend opens with to serve under ``limits``."""
+        return cls(
+            threads=limits.threads,
+            device=device,
+            cache_dir=cache_dir,
+            context_length=limits.context_length,
+            max_sequences=limits.max_sequences,
+        )
 
 
 @dataclass

@@ -30,6 +30,7 @@ from edgemesh.errors import (
     ShardLoadError,
     require,
 )
+from edgemesh.limits import DEFAULT_LIMITS
 from edgemesh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,9 @@ class LlamaCppBackend(Backend):
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model))
         self.n_embd = llama.llama_model_n_embd(self._model)
         trained_ctx = llama.llama_model_n_ctx_train(self._model)
-        self.context_length = min(self.options.context_length or 4096, trained_ctx)
+        self.context_length = min(
+            self.options.context_length or DEFAULT_LIMITS.context_length, trained_ctx
+        )
         self.max_sequences = max(1, self.options.max_sequences)
         # Whole model: token ids in; one KV stream (context_length cells) per sequence.
         self._accepts = RangeInputs(shard.layers, True, 0, self.context_length, self.max_sequences)

@@ -312,12 +312,14 @@ def shared_prefill(service: Any, n: int = 4, prompt_tokens: int = 300) -> dict[s
 
 
 def run(tokens: int, repeats: int, threads: int, out: Path) -> dict[str, Any]:
+    from edgemesh.limits import ServingLimits
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import resolve
 
     load = [round(os.getloadavg()[0], 2)]
     service = load_service(
-        resolve(None), LocalOptions(threads=threads, context_length=1024, max_sequences=4)
+        resolve(None),
+        LocalOptions(ServingLimits(threads=threads, context_length=1024, max_sequences=4)),
     )
     try:
         result: dict[str, Any] = {

@@ -141,16 +141,19 @@ def _planned_bytes(package: Path, precision: str, context: int, sequences: int) 
 
 
 def _engine_worker(job: dict[str, Any]) -> dict[str, Any]:
+    from edgemesh.limits import ServingLimits
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import ModelSource
 
     streams, context = job["streams"], job["context"]
     kind = "gguf" if job["engine"] == "llamacpp" else "package"
     options = LocalOptions(
-        threads=job["threads"],
-        context_length=context,
-        max_sequences=max(streams),
-        max_queue=64,
+        ServingLimits(
+            threads=job["threads"],
+            context_length=context,
+            max_sequences=max(streams),
+            max_queue=64,
+        ),
         backend=None if kind == "gguf" else "onnxruntime",
         precision=None if kind == "gguf" else job["precision"],
     )

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,11 +31,13 @@ import numpy as np
 
 from edgemesh.backends.base import SeqInput
 from edgemesh.errors import (
+    ConfigError,
     ContextOverflowError,
     EdgemeshError,
     InferenceError,
     OverloadedError,
 )
+from edgemesh.limits import ServingLimits
 from edgemesh.pipeline import Pick, Picked, Pipeline
 from edgemesh.sampling import SamplingParams
 from edgemesh.tokenizer import StreamDecoder, Tokenizer
@@ -72,19 +74,9 @@ class Constraint(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    context_length: int
-    max_sequences: int = 8
-    """Sequences decoded together in one batch."""
-    max_queue: int = 32
-    """Requests waiting for a slot; beyond it submit() raises OverloadedError."""
-    prefill_chunk: int = 256
-    """Prompt tokens fed per step, so long prompts do not stall other streams."""
-    prefill_budget: int = 128
-    """Prompt tokens fed per step across all prefilling sequences, first come first
-    served (decode rows always go): new prompts cost the running streams at most
-    this much prefill per token they wait for, and arrive one after another."""
+EngineConfig = ServingLimits
+"""The engine's configuration is the serving limits: it reads ``context_length``,
+``max_sequences``, ``max_queue``, ``prefill_chunk`` and ``prefill_budget``."""
 
 
 @dataclass
@@ -94,7 +86,8 @@ class _Sequence:
     params: SamplingParams
     sink: _Sink
     seed: int
-    decoder: StreamDecoder
+    decoder: StreamDecoder | None
+    """None: the engine runs on token ids only (no tokenizer), no text."""
     generated: list[int] = field(default_factory=list)
     counts: Counter[int] = field(default_factory=Counter)
     fed: int = 0
@@ -191,12 +184,29 @@ class Generation:
 
 
 class Engine:
-    """Continuous-batching decode loop over a pipeline. Thread-safe submit."""
+    """Continuous-batching decode loop over a pipeline. Thread-safe submit.
 
-    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    The one decode loop: ``edgemesh serve``, the mesh gateway, ``edgemesh
+    generate`` and perplexity (``edgemesh.offline``) all run through it.
+    ``tokenizer`` None runs on token ids alone (events carry no text and
+    stop strings are refused); ``eos_ids`` overrides the tokenizer's
+    end-of-sequence ids (empty: never stop early)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        tokenizer: Tokenizer | None,
+        config: ServingLimits,
+        *,
+        eos_ids: Iterable[int] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.config = config
+        if eos_ids is not None:
+            self.eos_ids = frozenset(int(i) for i in eos_ids)
+        else:
+            self.eos_ids = tokenizer.eos_ids if tokenizer is not None else frozenset()
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._ids = itertools.count(1)
@@ -228,6 +238,11 @@ class Engine:
         pipeline cannot fork, it prefills as usual)."""
         if not prompt:
             raise ContextOverflowError("the prompt is empty", param="prompt")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError(
+                "stop strings need text, and this engine runs on token ids alone",
+                hint="open the engine with the model's tokenizer",
+            )
         if len(prompt) + params.max_tokens > self.config.context_length:
             raise ContextOverflowError(
                 f"this model's context is {self.config.context_length} tokens; the prompt has "
@@ -241,7 +256,7 @@ class Engine:
             params=params,
             sink=_Sink(),
             seed=params.seed if params.seed is not None else secrets.randbits(63),
-            decoder=self.tokenizer.stream_decoder(),
+            decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None,
             constraint=constraint,
             echo=echo,
         )
@@ -284,7 +299,9 @@ class Engine:
             held = sum(s.fed for s in self._active.values())
         return held / float(self.config.max_sequences * self.config.context_length)
 
-    def close(self) -> None:
+    def close(self, *, pipeline: bool = True) -> None:
+        """Stop the scheduler and end every request; ``pipeline=False`` leaves
+        the pipeline open (a caller that runs one request at a time over it)."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
@@ -292,7 +309,8 @@ class Engine:
         held = [f for s in list(self._active.values()) + list(self._waiting) for f in s.followers]
         for seq in list(self._active.values()) + list(self._waiting) + held:
             seq.sink.put(Event(None, "", "error", OverloadedError("the engine stopped")))
-        self.pipeline.close()
+        if pipeline:
+            self.pipeline.close()
 
     # -- scheduler --------------------------------------------------------
 
@@ -493,19 +511,20 @@ class Engine:
         seq.generated.append(token)
         seq.counts[token] += 1
         self.stats.tokens += 1
-        if token in self.tokenizer.eos_ids and not params.ignore_eos:
+        if token in self.eos_ids and not params.ignore_eos:
             self._finish(seq, "stop")
             return
-        seq.text += seq.decoder.feed(token)
+        if seq.decoder is not None:
+            seq.text += seq.decoder.feed(token)
         if params.stop and self._hit_stop(seq):
             return
         if seq.constraint is not None and seq.constraint.advance(token):
-            seq.text += seq.decoder.flush()
+            seq.text += _flush(seq.decoder)
             self._finish(seq, "stop")  # the grammar is complete
             return
         out_of_room = len(seq.prompt) + len(seq.generated) >= self.config.context_length
         if len(seq.generated) >= params.max_tokens or out_of_room:
-            seq.text += seq.decoder.flush()
+            seq.text += _flush(seq.decoder)
             self._finish(seq, "length")
             return
         emit = _safe_prefix(seq.text, params.stop)
@@ -569,6 +588,10 @@ class Engine:
             top=picked.top if picked is not None else (),
             prompt_logprobs=prompt,
         )
+
+
+def _flush(decoder: StreamDecoder | None) -> str:
+    return decoder.flush() if decoder is not None else ""
 
 
 def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:

@@ -141,8 +141,8 @@ def load_package_service(source: ModelSource, options: LocalOptions) -> ModelSer
             pipe.forward, manifest.hidden_size, context, getattr(last, "can_pool", False)
         )
 
-    return ModelService(
-        name=source.name, engine=engine, tokenizer=tokenizer, info=info, embedder_factory=embedder
+    return serve_pipeline(
+        source.name, pipe, tokenizer, limits, info=info, embedder_factory=embedder
     )
 
 

@@ -23,6 +23,7 @@ import pytest
 
 from edgemesh.gateway import create_app
 from edgemesh.gateway.service import ModelService
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 from edgemesh.sampling import SamplingParams
@@ -39,10 +40,12 @@ def _service(package: Path, sequences: int, queue: int, context: int = 256) -> M
     return load_service(
         ModelSource("tiny", package, "package"),
         LocalOptions(
-            threads=1,
-            context_length=context,
-            max_sequences=sequences,
-            max_queue=queue,
+            ServingLimits(
+                threads=1,
+                context_length=context,
+                max_sequences=sequences,
+                max_queue=queue,
+            ),
             backend="onnxruntime",
             precision="fp32",
         ),

@@ -12,6 +12,7 @@ import pytest
 from edgemesh.backends.base import SeqInput
 from edgemesh.errors import ContextOverflowError, OverloadedError
 from edgemesh.gateway.service import ModelService
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 from edgemesh.sampling import SamplingParams
@@ -25,7 +26,7 @@ PROMPT = "The capital of France is"
 def service(default_gguf: Path) -> Iterator[ModelService]:
     svc = load_service(
         ModelSource("gemma", default_gguf, "gguf"),
-        LocalOptions(threads=2, context_length=512, max_sequences=4, max_queue=2),
+        LocalOptions(ServingLimits(threads=2, context_length=512, max_sequences=4, max_queue=2)),
     )
     yield svc
     svc.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgemesh.gateway import create_app
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 
@@ -22,7 +23,7 @@ def gateway_url(default_gguf: Path) -> Iterator[str]:
 
     service = load_service(
         ModelSource("gemma-3-270m", default_gguf, "gguf"),
-        LocalOptions(threads=2, context_length=512, max_sequences=2),
+        LocalOptions(ServingLimits(threads=2, context_length=512, max_sequences=2)),
     )
     try:
         with LiveServer(create_app([service])) as live:

@@ -14,6 +14,7 @@ import pytest
 
 from edgemesh.gateway import create_app
 from edgemesh.gateway.service import ModelService
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.llamacpp
 def service(default_gguf: Path) -> Iterator[ModelService]:
     svc = load_service(
         ModelSource("gemma-3-270m", default_gguf, "gguf"),
-        LocalOptions(threads=2, context_length=256, max_sequences=2, max_queue=1),
+        LocalOptions(ServingLimits(threads=2, context_length=256, max_sequences=2, max_queue=1)),
     )
     yield svc
     svc.close()
@@ -172,7 +173,7 @@ def test_overload_gets_429_with_retry_after(default_gguf: Path) -> None:
     # One decode slot and no queue: a second request while one streams must bounce.
     single = load_service(
         ModelSource("m", default_gguf, "gguf"),
-        LocalOptions(threads=2, context_length=256, max_sequences=1, max_queue=0),
+        LocalOptions(ServingLimits(threads=2, context_length=256, max_sequences=1, max_queue=0)),
     )
     body = {"model": "m", "prompt": "Count: 1, 2,", "max_tokens": 200, "stream": True}
     try:

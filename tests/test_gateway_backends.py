@@ -18,6 +18,7 @@ import pytest
 
 from edgemesh.backends import registry
 from edgemesh.gateway import create_app
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 from tests.test_gateway_tools import QWEN_LIKE
@@ -61,9 +62,7 @@ def client(
     svc = load_service(
         ModelSource("tiny", package, "package"),
         LocalOptions(
-            threads=1,
-            context_length=512,
-            max_sequences=4,
+            ServingLimits(threads=1, context_length=512, max_sequences=4),
             backend=request.param,
             precision="fp32",
             chat_template=template,

@@ -22,6 +22,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from edgemesh.gateway import create_app  # noqa: E402
+from edgemesh.limits import ServingLimits  # noqa: E402
 from edgemesh.local import LocalOptions, load_service  # noqa: E402
 from edgemesh.models import ModelSource  # noqa: E402
 
@@ -43,10 +44,7 @@ def tiny_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     svc = load_service(
         ModelSource("tiny", Path(pkg), "package"),
         LocalOptions(
-            threads=1,
-            context_length=96,
-            max_sequences=4,
-            max_queue=64,
+            ServingLimits(threads=1, context_length=96, max_sequences=4, max_queue=64),
             backend="onnxruntime",
             precision="fp32",
         ),

@@ -16,6 +16,7 @@ import pytest
 
 from edgemesh.gateway import create_app
 from edgemesh.gateway.service import ModelService
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 
@@ -68,7 +69,7 @@ def service(default_gguf: Path) -> Iterator[ModelService]:
     svc = load_service(
         ModelSource(M, default_gguf, "gguf"),
         # 512: the tools' system message (~200 tokens) plus a tool reply's longest form.
-        LocalOptions(threads=2, context_length=512, max_sequences=4, max_queue=16),
+        LocalOptions(ServingLimits(threads=2, context_length=512, max_sequences=4, max_queue=16)),
     )
     yield svc
     svc.close()

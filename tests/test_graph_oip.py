@@ -355,12 +355,13 @@ def test_edgemesh_serve_model_dir_speaks_v2(package: Path) -> None:
 def test_one_gateway_serves_llm_v1_and_graph_v2(package: Path, default_gguf: Path) -> None:
     import openai
 
+    from edgemesh.limits import ServingLimits
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import ModelSource
 
     llm = load_service(
         ModelSource("gemma-3-270m", default_gguf, "gguf"),
-        LocalOptions(threads=1, context_length=256, max_sequences=1),
+        LocalOptions(ServingLimits(threads=1, context_length=256, max_sequences=1)),
     )
     graph = load_graph_service(
         package, GraphServeOptions(backend="onnxruntime", precision="fp32", threads=1)

@@ -26,6 +26,7 @@ import pytest
 from edgemesh.backends.base import SeqInput
 from edgemesh.gateway import create_app
 from edgemesh.gateway.service import ModelService
+from edgemesh.limits import ServingLimits
 from edgemesh.local import LocalOptions, load_service
 from edgemesh.models import ModelSource
 
@@ -81,7 +82,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelService]:
     svc = load_service(
         ModelSource("tiny", Path(pkg), "package"),
         LocalOptions(
-            threads=1, context_length=256, max_sequences=4, backend="onnxruntime", precision="fp32"
+            ServingLimits(threads=1, context_length=256, max_sequences=4),
+            backend="onnxruntime",
+            precision="fp32",
         ),
     )
     yield svc

@@ -59,12 +59,16 @@ def graph_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(graph_package: Path) -> Iterator[str]:
     from edgemesh.gateway import create_app
     from edgemesh.graph.service import GraphServeOptions, load_graph_service
+    from edgemesh.limits import ServingLimits
     from edgemesh.local import LocalOptions, load_service
     from edgemesh.models import ModelSource
 
     llm = load_service(
         ModelSource(MODEL, shared_tiny_package("qwen3"), "package"),
-        LocalOptions(threads=1, context_length=256, max_sequences=2, precision="fp32"),
+        LocalOptions(
+            ServingLimits(threads=1, context_length=256, max_sequences=2),
+            precision="fp32",
+        ),
     )
     graph = load_graph_service(
         graph_package, GraphServeOptions(backend="onnxruntime", precision="fp32", threads=1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from edgemesh.cli._common import user_errors
+from edgemesh.limits import DEFAULT_LIMITS
 
 
 def command(
@@ -33,9 +34,15 @@ def command(
             help="Require 'Authorization: Bearer KEY' (repeatable).",
         ),
     ] = None,
-    context: Annotated[int, typer.Option(help="Context length per sequence.")] = 4096,
-    max_sequences: Annotated[int, typer.Option(help="Sequences decoded together.")] = 8,
-    max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 32,
+    context: Annotated[
+        int, typer.Option(help="Context length per sequence.")
+    ] = DEFAULT_LIMITS.context_length,
+    max_sequences: Annotated[
+        int, typer.Option(help="Sequences decoded together.")
+    ] = DEFAULT_LIMITS.max_sequences,
+    max_queue: Annotated[
+        int, typer.Option(help="Waiting requests before 429.")
+    ] = DEFAULT_LIMITS.max_queue,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads; default: the box's effective cores.")
     ] = None,
@@ -93,6 +100,7 @@ def command(
     from edgemesh import models, paths
     from edgemesh.gateway import create_app
     from edgemesh.gateway.manager import LocalManager
+    from edgemesh.limits import ServingLimits
     from edgemesh.local import LocalOptions, load_service
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -128,14 +136,18 @@ def command(
         _serve(app, graphs, host, port, log_level)
         return
     with user_errors():
+        # the one limits object: the model served now and those the dashboard deploys
+        limits = ServingLimits(
+            context_length=context,
+            max_sequences=max_sequences,
+            max_queue=max_queue,
+            threads=threads or _default_threads(),
+        )
         source = models.resolve(model)
         service = load_service(
             source,
             LocalOptions(
-                threads=threads or _default_threads(),
-                context_length=context,
-                max_sequences=max_sequences,
-                max_queue=max_queue,
+                limits=limits,
                 backend=backend,
                 precision=precision,
                 chat_template=chat_template,
@@ -146,7 +158,7 @@ def command(
         api_keys=api_key or (),
         graphs=graphs,
         manager=LocalManager(
-            _local_options(threads, context, max_sequences, max_queue),
+            LocalOptions(limits=limits),
             state_dir=paths.serve_state_dir(),
         ),
     )
@@ -258,19 +270,6 @@ def _default_threads() -> int:
     except (ImportError, KeyError, EdgemeshError):
         # A fingerprint problem must not stop serving: fall back to the affinity mask.
         return len(os.sched_getaffinity(0))
-
-
-def _local_options(threads: int | None, context: int, max_sequences: int, max_queue: int) -> Any:
-    """The options models deployed from the dashboard open with (the planner
-    picks their backend and precision)."""
-    from edgemesh.local import LocalOptions
-
-    return LocalOptions(
-        threads=threads or _default_threads(),
-        context_length=context,
-        max_sequences=max_sequences,
-        max_queue=max_queue,
-    )
 
 
 def _warn_if_open(host: str, api_key: list[str] | None) -> None:

@@ -38,6 +38,7 @@ from edgemesh.errors import (
     ModelUnavailableError,
     require,
 )
+from edgemesh.limits import DEFAULT_LIMITS
 from edgemesh.mesh.deployment_record import JSONObject, PackageRef, StageInfo
 from edgemesh.pipeline import Pick, Picked
 from edgemesh.router.artifacts import Source
@@ -95,7 +96,7 @@ class RayPipeline:
         package: PackageRef,
         *,
         source: Source | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = DEFAULT_LIMITS.prefill_chunk,
         ready_timeout_s: float = 600.0,
         settle_timeout_s: float = 60.0,
         max_recoveries: int = 5,

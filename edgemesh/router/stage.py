@@ -26,6 +26,7 @@ import numpy as np
 
 from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
 from edgemesh.errors import ConfigError, InferenceError, ModelNotFoundError
+from edgemesh.limits import DEFAULT_LIMITS
 from edgemesh.mesh.deployment_record import PackageRef, StageInfo
 from edgemesh.pipeline import Pick, Picked, apply_picks
 from edgemesh.router.artifacts import (
@@ -58,9 +59,9 @@ class StageSpec:
     package_dir: str = ""
     """Where the package may already be on the stage's box; fetched if not intact."""
     cache_root: str | None = None
-    threads: int | None = 1
+    threads: int | None = DEFAULT_LIMITS.threads
     context_length: int | None = None
-    max_sequences: int = 64
+    max_sequences: int = DEFAULT_LIMITS.max_sequences
 
     def __post_init__(self) -> None:
         if self.wire not in WIRE_DTYPES:
