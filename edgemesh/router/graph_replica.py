@@ -168,9 +168,13 @@ class GraphReplicaActor:
         self.service: Any = None
         self.fetched = False
 
-    def load(self) -> dict[str, Any]:
+    async def load(self) -> dict[str, Any]:
         """Open the package on this box: its info (backend, precision, measured
         p50...), or ``{"refused": why}`` when this box cannot serve it."""
+        # Off the actor's event loop: the fetch waits on the source, the load compiles.
+        return await asyncio.to_thread(self._load)
+
+    def _load(self) -> dict[str, Any]:
         from edgemesh.graph.service import GraphServeOptions, load_graph_service
 
         try:
