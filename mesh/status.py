@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import psutil
 
@@ -30,8 +30,23 @@ from edgemesh.mesh.config import (
 
 STALE_AFTER_S = 10.0
 
+AgentState: TypeAlias = dict[str, Any]
+"""An agent's ``state.json`` (``Agent.state``): free-form JSON written by the
+agent of the same box and version, read here field by field."""
+MemberJSON: TypeAlias = dict[str, Any]
+"""One entry of ``AgentState["members"]`` (a verified mDNS record plus health),
+or ``BoxRecord.to_dict()`` when status browsed mDNS itself."""
+StatusJSON: TypeAlias = dict[str, Any]
+"""What ``edgemesh status --json`` prints (``MeshStatus.to_dict``)."""
+FingerprintSummary: TypeAlias = dict[str, Any]
+"""A box's fingerprint summary as its record carries it (arch, cores, memory,
+accelerators, backends, precision, digest)."""
+NodeJSON: TypeAlias = dict[str, Any]
+"""One row of the head's Ray node table as the agent keeps it (box, node_id,
+alive, resources)."""
 
-def read_agent_state(state_dir: Path | None = None) -> dict[str, Any] | None:
+
+def read_agent_state(state_dir: Path | None = None) -> AgentState | None:
     """The running agent's ``state.json`` for ``state_dir`` (default: the
     default mesh's), or None when no agent is running there."""
     folder = state_dir or default_state_dir("default")
@@ -45,7 +60,7 @@ def read_agent_state(state_dir: Path | None = None) -> dict[str, Any] | None:
     return doc
 
 
-def health(member: dict[str, Any]) -> str:
+def health(member: MemberJSON) -> str:
     """ok, starting, joining, electing or ray-down (from one member entry)."""
     role = member.get("role")
     if role == "head":
@@ -71,7 +86,7 @@ class BoxStatus:
     role: str
     address: str
     health: str
-    fingerprint: dict[str, Any] = field(default_factory=dict)
+    fingerprint: FingerprintSummary = field(default_factory=dict)
     ray_address: str = ""
     ray_node_id: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
@@ -79,7 +94,7 @@ class BoxStatus:
     version: str | None = None
     is_self: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> StatusJSON:
         return {
             "id": self.id,
             "role": self.role,
@@ -96,11 +111,11 @@ class BoxStatus:
 
 
 def _box(
-    member: dict[str, Any],
+    member: MemberJSON,
     *,
     me: str | None,
     with_health: bool,
-    nodes: Sequence[dict[str, Any]] = (),
+    nodes: Sequence[NodeJSON] = (),
 ) -> BoxStatus:
     node = next((n for n in nodes if n.get("alive") and n.get("box") == member["id"]), None)
     return BoxStatus(
@@ -129,14 +144,16 @@ class MeshStatus:
     head: str | None = None
     ray_address: str = ""
     boxes: list[BoxStatus] = field(default_factory=list)
-    ray_nodes: list[dict[str, Any]] = field(default_factory=list)
-    lost: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    ray_nodes: list[NodeJSON] = field(default_factory=list)
+    lost: list[MemberJSON] = field(default_factory=list)
+    """Boxes the agent saw leave: ``{"id", "reason", ...}``."""
+    rejected: list[MemberJSON] = field(default_factory=list)
+    """Records that were ignored: ``RecordRejected`` as ``{"name", "address", "reason"}``."""
 
     def box(self, box_id: str) -> BoxStatus | None:
         return next((b for b in self.boxes if b.id == box_id), None)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> StatusJSON:
         return {
             "mesh": self.mesh,
             "source": self.source,
@@ -151,7 +168,7 @@ class MeshStatus:
         }
 
 
-def from_agent(doc: dict[str, Any]) -> MeshStatus:
+def from_agent(doc: AgentState) -> MeshStatus:
     """A status from an agent's ``state.json`` document."""
     me = doc.get("box_id")
     ray = doc.get("ray", {})
@@ -221,7 +238,7 @@ def collect_status(
     )
 
 
-def _gib(n: Any) -> str:
+def _gib(n: float | None) -> str:
     return "-" if not n else f"{n / 1024**3:.1f}G"
 
 
