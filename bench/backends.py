@@ -183,8 +183,9 @@ def summary(samples: list[tuple[float, float, int]], load_s: float) -> dict[str,
 def _edgemesh_worker(job: dict[str, Any]) -> dict[str, Any]:
     from edgemesh.backends.base import BackendOptions, LayerRange, ShardSpec
     from edgemesh.backends.llamacpp import LlamaCppBackend, gguf_layer_count
+    from edgemesh.offline import generate
     from edgemesh.pipeline import LocalPipeline
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
 
     opts = BackendOptions(threads=job["threads"], context_length=1024, max_sequences=1)
     t0 = time.perf_counter()

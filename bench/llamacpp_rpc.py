@@ -372,7 +372,8 @@ def _llama_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 def _onnx_worker(job: dict[str, Any]) -> dict[str, Any]:
     from edgemesh.backends.base import BackendOptions, SeqInput
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.offline import generate
+    from edgemesh.sharding.pipeline import load_pipeline
 
     opts = BackendOptions(threads=job["threads"], context_length=1024, max_sequences=1)
     t0 = time.perf_counter()

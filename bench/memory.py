@@ -207,7 +207,8 @@ def planner_single(package: Path, limit: int, tmp: Path) -> dict[str, Any]:
 
 _LOAD_WHOLE = """
 import sys, time
-from edgemesh.sharding.pipeline import load_pipeline, generate
+from edgemesh.offline import generate
+from edgemesh.sharding.pipeline import load_pipeline
 t = time.time()
 pipe = load_pipeline(sys.argv[1], precision="fp32")
 print("loaded", round(time.time() - t, 1), flush=True)
@@ -249,17 +250,18 @@ def load_whole_in_one_box(package: Path, limit: int) -> dict[str, Any]:
 
 def reference(package: Path, texts: list[str]) -> tuple[list[str], float]:
     """The single unlimited box: greedy answers in process, and its tokens/s."""
+    from edgemesh.offline import generate
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
 
     pkg = open_package(package)
     tok = pkg.tokenizer()
     pipe = load_pipeline(pkg, precision="fp32")
     try:
         out, rates = [], []
-        for i, text in enumerate(texts):
+        for text in texts:
             ids = tok.encode_chat([{"role": "user", "content": text}])
-            gen = generate(pipe, ids, max_tokens=TOKENS, seq_id=i)
+            gen = generate(pipe, ids, max_tokens=TOKENS)
             out.append(tok.decode(gen.token_ids))
             rates.append(gen.decode_tokens_per_s)
         return out, max(rates)

@@ -78,17 +78,18 @@ def chats(n: int) -> list[str]:
 
 def reference_ids(package: Path, texts: list[str], tokens: list[int], precision: str) -> dict:
     """Greedy token ids per chat from one in-process pipeline, and its decode ms/token."""
+    from edgemesh.offline import generate
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
 
     pkg = open_package(package)
     tok = pkg.tokenizer()
     pipe = load_pipeline(pkg, precision=precision, options=_options())
     ids, ms = [], []
     try:
-        for i, (text, n) in enumerate(zip(texts, tokens, strict=True)):
+        for text, n in zip(texts, tokens, strict=True):
             prompt = tok.encode_chat([{"role": "user", "content": text}])
-            gen = generate(pipe, prompt, max_tokens=n, seq_id=i)
+            gen = generate(pipe, prompt, max_tokens=n)
             ids.append(gen.token_ids)
             ms.append(1000 / gen.decode_tokens_per_s)
     finally:

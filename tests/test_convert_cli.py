@@ -44,8 +44,9 @@ def test_convert_prints_a_summary_and_writes_a_package(converted) -> None:
 
 def test_generate_json_matches_the_python_api(converted, app) -> None:
     from edgemesh.backends.base import BackendOptions
+    from edgemesh.offline import generate
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
 
     root, _ = converted
     pkg = root / "pkg"

@@ -62,9 +62,10 @@ def test_windowed_perplexity_matches_transformers_on_the_same_windows(ctx512) ->
     import transformers
 
     from edgemesh.backends.base import BackendOptions
+    from edgemesh.offline import perplexity_windows
     from edgemesh.sharding.convert.run import eval_text
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import load_pipeline, perplexity_windows
+    from edgemesh.sharding.pipeline import load_pipeline
 
     root, _ = ctx512
     pkg = open_package(root / "pkg")
@@ -95,7 +96,7 @@ def test_windowed_perplexity_matches_transformers_on_the_same_windows(ctx512) ->
 
 def test_perplexity_refuses_what_it_cannot_score(ctx512) -> None:
     from edgemesh.errors import ConfigError
-    from edgemesh.sharding.pipeline import perplexity_windows
+    from edgemesh.offline import perplexity_windows
 
     with pytest.raises(ConfigError, match="at least two tokens, got 1"):
         perplexity_windows(None, [5])  # type: ignore[arg-type]

@@ -192,3 +192,20 @@ def test_paddle_python_that_is_not_there_is_a_config_error(
         paddle_python()
     monkeypatch.setenv(ENV, "")
     assert paddle_python() is None
+
+
+def test_paddle_missing_here_names_the_separate_venv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgemesh.errors import MissingExtraError
+    from edgemesh.graph import import_paddle
+    from edgemesh.graph.imported import ImportOptions
+    from edgemesh.graph.paddle_env import ENV
+
+    if importlib.util.find_spec("paddle") and importlib.util.find_spec("paddle2onnx"):
+        pytest.skip("paddle is installed in this environment")
+    monkeypatch.delenv(ENV, raising=False)
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "m.pdiparams").write_bytes(b"")
+    with pytest.raises(MissingExtraError, match=ENV):
+        import_paddle.run(tmp_path / "m.json", tmp_path, ImportOptions())

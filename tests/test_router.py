@@ -82,12 +82,13 @@ def _prompts(n: int) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(package: Path) -> dict[int, list[int]]:
     """Greedy tokens of every prompt from the single-box in-process pipeline."""
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.offline import generate
+    from edgemesh.sharding.pipeline import load_pipeline
 
     pipe = load_pipeline(package)
     try:
         return {
-            i: generate(pipe, p, max_tokens=MAX_TOKENS, seq_id=i).token_ids
+            i: generate(pipe, p, max_tokens=MAX_TOKENS).token_ids
             for i, p in enumerate(_prompts(16))
         }
     finally:
@@ -249,10 +250,11 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
     and Ray Serve answers the same OpenAI API as a single box, token for token."""
     import httpx
 
+    from edgemesh.offline import generate
     from edgemesh.router.deploy import NAMESPACE, SOURCE_PREFIX, deploy, status_extras
     from edgemesh.sharding.package.folder import open_package
     from edgemesh.sharding.package.manifest import Manifest
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.sharding.pipeline import load_pipeline
     from edgemesh.sharding.planner.costs import PlanOptions
     from tests.conftest import free_port
 

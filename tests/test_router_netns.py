@@ -64,14 +64,12 @@ COMPUTE = {"onnxruntime/fp32": {"gflops": 0.01, "bandwidth_gbps": 0.5}}
 
 def reference(package: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy token ids of each prompt from one in-process pipeline (a single box)."""
-    from edgemesh.sharding.pipeline import generate, load_pipeline
+    from edgemesh.offline import generate
+    from edgemesh.sharding.pipeline import load_pipeline
 
     pipe = load_pipeline(package)
     try:
-        return [
-            generate(pipe, p, max_tokens=max_tokens, seq_id=i).token_ids
-            for i, p in enumerate(prompts)
-        ]
+        return [generate(pipe, p, max_tokens=max_tokens).token_ids for p in prompts]
     finally:
         pipe.close()
 

@@ -18,8 +18,9 @@ import pytest
 
 from edgemesh.backends.base import BackendOptions
 from edgemesh.errors import ConfigError, CorruptArtifactError
+from edgemesh.offline import generate
 from edgemesh.sharding.package.folder import open_package
-from edgemesh.sharding.pipeline import generate, load_pipeline, ranges_from_cuts
+from edgemesh.sharding.pipeline import load_pipeline, ranges_from_cuts
 from tests.fixtures.tiny_models import ARCHS, hf_model_dir, shared_tiny_package
 
 PROMPT = "The lighthouse stood at the end of a long finger of rock"

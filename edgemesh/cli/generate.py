@@ -1,4 +1,6 @@
-"""`edgemesh generate`: run a converted package locally through chosen layer cuts."""
+"""`edgemesh generate`: run a converted package locally through chosen layer cuts.
+
+One request through the serving engine's decode loop (``edgemesh.offline``)."""
 
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ def command(
     """Generate text from a package cut into layer ranges, all in this process (no mesh)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from edgemesh.backends.base import BackendOptions
+    from edgemesh.offline import generate
     from edgemesh.sharding.package.folder import open_package
-    from edgemesh.sharding.pipeline import generate, load_pipeline, parse_cuts
+    from edgemesh.sharding.pipeline import load_pipeline, parse_cuts
 
     with user_errors():
         package = open_package(model)

@@ -17,6 +17,7 @@ import numpy as np
 from edgemesh.errors import (
     ConfigError,
     CorruptArtifactError,
+    MissingExtraError,
     ModelNotFoundError,
     UnsupportedModelError,
     require,
@@ -59,8 +60,15 @@ def run(path: Path, work: Path, options: ImportOptions) -> Imported:
     python = paddle_env.paddle_python()
     if python is not None:  # Paddle in its own venv (paddle2onnx pins an older onnx)
         return paddle_env.run_in_child(python, program, params, work, options)
-    paddle = require("paddle", EXTRA)
-    paddle2onnx = require("paddle2onnx", EXTRA)
+    try:
+        paddle = require("paddle", EXTRA)
+        paddle2onnx = require("paddle2onnx", EXTRA)
+    except MissingExtraError as exc:  # paddle2onnx would downgrade this env's onnx
+        exc.hint = (
+            f"{exc.hint} into a venv of its own and set "
+            f"{paddle_env.ENV}=VENV/bin/python (docs/MODELS.md)"
+        )
+        raise
     out = work / "source.onnx"
     try:
         paddle2onnx.export(

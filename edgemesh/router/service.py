@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemesh.engine import Engine, EngineConfig
 from edgemesh.gateway.service import ModelService
-from edgemesh.mesh.deployment_record import DeploymentRecord, JSONObject, PackageRef, StageInfo
+from edgemesh.mesh.deployment_record import DeploymentRecord, PackageRef, StageInfo
 from edgemesh.pipeline import LocalPipeline
 from edgemesh.router.artifacts import Source, default_cache_root, ensure_artifacts, source_reader
 from edgemesh.router.placement import PlanPlacer
@@ -150,7 +150,7 @@ def mesh_service(
         tokenizer,
         EngineConfig(context_length=context, max_sequences=slots, max_queue=max_queue),
     )
-    info: JSONObject = {
+    info: dict[str, Any] = {
         "backend": "mesh",
         "stages": [s.to_dict() for s in where],
         "plan": {"bottleneck_ms": plan.bottleneck_ms},

@@ -339,7 +339,8 @@ def evaluate(
     in windows of the model's context. Never raises an edgemesh error: what it
     cannot measure comes back in ``Quality.reason``/``failed``."""
     from edgemesh.errors import EdgemeshError
-    from edgemesh.sharding.pipeline import load_pipeline, perplexity_windows
+    from edgemesh.offline import perplexity_windows
+    from edgemesh.sharding.pipeline import load_pipeline
 
     pkg = open_package(package)
     ids = pkg.tokenizer().encode(eval_text())

@@ -134,7 +134,7 @@ def _lm_class() -> type:
             return out
 
         def generate_until(self, requests: Sequence[Any]) -> list[str]:
-            from edgemesh.sharding.pipeline import generate
+            from edgemesh.offline import generate
 
             texts = []
             for req in requests:

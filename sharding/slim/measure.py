@@ -9,8 +9,9 @@
   memory growth from loading the model to the end of the speed run.
 
 Results are cached per package digest and precision under
-``~/.cache/edgemesh/slim/`` so the fp32 reference of a source package is
-measured once however many methods are compared against it.
+``edgemesh.paths.slim_dir()`` (``~/.cache/edgemesh/slim/`` by default) so
+the fp32 reference of a source package is measured once however many
+methods are compared against it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemesh import paths
 from edgemesh.backends.base import BackendOptions
 from edgemesh.sharding.package.folder import Package
 from edgemesh.sharding.slim.text import heldout_text
@@ -59,8 +61,7 @@ class Quality:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("EDGEMESH_CACHE_DIR") or str(Path.home() / ".cache" / "edgemesh")
-    return Path(base) / "slim"
+    return paths.slim_dir()
 
 
 def disk_bytes(pkg: Package, precision: str) -> int:
@@ -94,7 +95,8 @@ def measure(
         except (ValueError, TypeError, KeyError):
             pass
     say = say or (lambda msg: log.info("%s", msg))
-    from edgemesh.sharding.pipeline import generate, load_pipeline, perplexity
+    from edgemesh.offline import generate, perplexity
+    from edgemesh.sharding.pipeline import load_pipeline
     from edgemesh.sharding.slim.harness import downstream_score
 
     t0 = time.perf_counter()
