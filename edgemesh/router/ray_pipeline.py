@@ -210,7 +210,7 @@ class RayPipeline:
     def stage_stats(self, timeout: float = 5.0) -> list[dict[str, float]]:
         return self._ray.get([a.stats.remote() for a in self._actors], timeout=timeout)
 
-    def stage_timings(self) -> list[dict[str, Any]]:
+    def stage_timings(self) -> list[JSONObject]:
         """Per stage: box, forward calls and seconds, and the hop into it (for /metrics).
         Counters restart when a stage actor is replaced (Prometheus sees a reset)."""
         with self._cond:
