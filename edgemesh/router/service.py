@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from edgemesh.engine import Engine, EngineConfig
-from edgemesh.gateway.service import ModelService
-from edgemesh.mesh.deployment_record import DeploymentRecord, PackageRef, StageInfo
+from edgemesh.gateway.service import ModelService, serve_pipeline
+from edgemesh.limits import DEFAULT_LIMITS, ServingLimits
+from edgemesh.mesh.deployment_record import DeploymentRecord, JSONObject, PackageRef, StageInfo
 from edgemesh.pipeline import LocalPipeline
 from edgemesh.router.artifacts import Source, default_cache_root, ensure_artifacts, source_reader
 from edgemesh.router.placement import PlanPlacer
@@ -23,6 +23,7 @@ from edgemesh.router.stage import StageSpec
 
 if TYPE_CHECKING:
     from edgemesh.router.ray_pipeline import RayPipeline
+    from edgemesh.sharding.package.manifest import Manifest
     from edgemesh.sharding.planner.plan import Plan
 
 OnChange = Callable[[str, list[StageInfo], "Plan"], None]
@@ -90,16 +91,34 @@ def build_pipeline(
     here: str | None,
     package: Path,
     source: Source | None,
+    limits: ServingLimits = DEFAULT_LIMITS,
 ) -> tuple[LocalPipeline | RayPipeline, list[StageInfo]]:
-    """The pipeline for ``placer``'s stages and a description of where they run."""
+    """The pipeline for ``placer``'s stages and a description of where they run
+    (``limits.prefill_chunk``: how a replay after a lost box re-feeds prompts)."""
     specs = placer.initial()
     if (len(specs) == 1 and specs[0].box == here) or not ray_running():
         log.info("'%s': single-box path, in process", placer.manifest.name)
         return in_process_pipeline(package, specs, here=here)
     from edgemesh.router.ray_pipeline import RayPipeline
 
-    pipe = RayPipeline(placer, ref, source=source)
+    pipe = RayPipeline(placer, ref, source=source, prefill_chunk=limits.prefill_chunk)
     return pipe, pipe.stages()
+
+
+def record_limits(record: DeploymentRecord) -> ServingLimits:
+    """The serving limits a deployment record carries (``limits``; a record
+    without them gets the defaults)."""
+    return record.limits if record.limits is not None else DEFAULT_LIMITS
+
+
+def plan_limits(limits: ServingLimits, plan: Plan, manifest: Manifest) -> ServingLimits:
+    """``limits`` under a plan: the context and sequence slots are the plan's
+    (the KV cache it priced on every box; the model's context at most), the
+    rest (queue, prefill, threads, default max_tokens) is ``limits``'."""
+    return limits.replace(
+        context_length=min(plan.context, manifest.context_length),
+        max_sequences=plan.sequences,
+    )
 
 
 def mesh_service(
@@ -107,8 +126,7 @@ def mesh_service(
     *,
     here: str | None,
     source: Source | None,
-    max_sequences: int | None = None,
-    max_queue: int = 64,
+    limits: ServingLimits | None = None,
     on_change: OnChange | None = None,
 ) -> ModelService:
     """Open one deployed model (a record written by ``edgemesh deploy``).
@@ -116,8 +134,8 @@ def mesh_service(
     The KV cache is what the plan reserved on each box: ``plan.sequences``
     sequences of ``plan.context`` tokens. The engine admits that many (more
     wait in its queue, then 429) and every stage refuses more, so a box never
-    holds more cache than its plan priced in. ``max_sequences`` may only
-    lower it.
+    holds more cache than its plan priced in. The other limits come from
+    ``limits``, else the record's (``record_limits``).
 
     ``on_change(name, stages, plan)`` is called after the stages moved (a
     loss or a join), from the pipeline's recovery thread."""
@@ -127,8 +145,7 @@ def mesh_service(
     manifest = ref.manifest
     package = local_package(ref, here or "local", source)
     plan = record.plan
-    context = min(plan.context, manifest.context_length)
-    slots = min(max_sequences or plan.sequences, plan.sequences)
+    limits = plan_limits(limits or record_limits(record), plan, manifest)
     placer = PlanPlacer(
         manifest,
         plan,
@@ -137,20 +154,17 @@ def mesh_service(
         package_dir=ref.path,
         origin_box=ref.origin_box,
         stage_defaults={
-            "max_sequences": slots,
-            "context_length": context,
-            "threads": record.extra.get("threads"),
+            "max_sequences": limits.max_sequences,
+            "context_length": limits.context_length,
+            "threads": limits.threads,
         },
     )
-    pipe, where = build_pipeline(placer, ref, here=here, package=package, source=source)
+    pipe, where = build_pipeline(
+        placer, ref, here=here, package=package, source=source, limits=limits
+    )
     # The manifest is the record's, parsed once: no second read of manifest.json.
     tokenizer = Package(package, manifest).tokenizer()
-    engine = Engine(
-        pipe,
-        tokenizer,
-        EngineConfig(context_length=context, max_sequences=slots, max_queue=max_queue),
-    )
-    info: dict[str, Any] = {
+    info: JSONObject = {
         "backend": "mesh",
         "stages": [s.to_dict() for s in where],
         "plan": {"bottleneck_ms": plan.bottleneck_ms},
@@ -176,4 +190,4 @@ def mesh_service(
                     log.warning("could not update the deployment record: %r", exc)
 
         mesh_pipe.on_change = changed
-    return ModelService(name=record.name, engine=engine, tokenizer=tokenizer, info=info)
+    return serve_pipeline(record.name, pipe, tokenizer, limits, info=info)
