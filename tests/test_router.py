@@ -69,6 +69,7 @@ def _specs(package: Path, cuts: list[int], tmp: Path, precision: str = "fp32") -
             precision=precision,
             package_dir=str(package),
             cache_root=str(tmp / f"cache-{boxes[i]}"),
+            max_sequences=16,  # what _engine admits: each stage holds that many KV slots
         )
         for i, (a, b) in enumerate(itertools.pairwise(points))
     ]
@@ -126,8 +127,8 @@ def test_wire_dtype_keeps_fp32_pipelines_exact() -> None:
 def test_artifacts_are_fetched_verified_and_cached(package: Path, tmp_path: Path) -> None:
     source = ArtifactSource(str(package))
     manifest = source.manifest()
-    needed = ["fp32/layer_001.onnx", "fp32/layer_001.onnx.data"]
     ref = PackageRef.from_bytes(manifest)
+    needed = ["fp32/layer_001.onnx", "fp32/layer_001.onnx.data"]
     reads: list[str] = []
 
     def read(rel: str, offset: int, size: int) -> bytes:
@@ -283,12 +284,12 @@ def test_deploy_serves_the_openai_api_through_ray_serve(
         stages = [s.to_dict() for s in record.stages]
         assert len(stages) >= 2 and {s["precision"] for s in stages} == {"fp32"}
         assert status_extras(tmp_path)["models"]["tiny"]["stages"] == stages
-        prompt = _prompts(1)[0]
-        pipe = load_pipeline(package, [s["layers"][0] for s in stages[1:]])
         # What the head's GCS holds reads back as the same typed record.
         from edgemesh.mesh import deployments
 
         assert deployments.load(ray).models["tiny"] == record
+        prompt = _prompts(1)[0]
+        pipe = load_pipeline(package, [s["layers"][0] for s in stages[1:]])
         try:
             want = generate(pipe, prompt, max_tokens=MAX_TOKENS, eos_ids=[2]).token_ids
         finally:

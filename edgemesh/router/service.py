@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.gateway.service import ModelService, serve_pipeline
 from edgemesh.limits import DEFAULT_LIMITS, ServingLimits
@@ -190,4 +190,16 @@ def mesh_service(
                     log.warning("could not update the deployment record: %r", exc)
 
         mesh_pipe.on_change = changed
-    return serve_pipeline(record.name, pipe, tokenizer, limits, info=info)
+    from edgemesh.gateway.embeddings import pooled_embedder
+
+    def embedder() -> Any:
+        # Through the mesh the last stage pools (it holds the final norm); on the
+        # head's own process the pipeline's last backend says whether it can.
+        if isinstance(pipe, RayPipeline):
+            return pooled_embedder(pipe.pooled, manifest.hidden_size, limits.context_length)
+        can = getattr(pipe.backends[-1], "can_pool", False)
+        return pooled_embedder(pipe.forward, manifest.hidden_size, limits.context_length, can)
+
+    return serve_pipeline(
+        record.name, pipe, tokenizer, limits, info=info, embedder_factory=embedder
+    )
