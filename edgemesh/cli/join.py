@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import subprocess
@@ -107,6 +108,27 @@ def command(
     no_ray: Annotated[
         bool, typer.Option("--no-ray", hidden=True, help="Discovery and election only.")
     ] = False,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            "--gateway",
+            help="When this box is (or becomes) the head, start the mesh gateway at once, "
+            "with no model yet: its dashboard deploys the first one. Give it on every box "
+            "that may lead.",
+        ),
+    ] = False,
+    gateway_host: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway-host",
+            help="With --gateway: where it listens, as `edgemesh deploy --host` (default "
+            "127.0.0.1, or the mesh address with EDGEMESH_API_KEY set).",
+        ),
+    ] = None,
+    gateway_port: Annotated[
+        int | None,
+        typer.Option("--gateway-port", help="With --gateway: its port [default: 8000]."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Join (or found) a mesh: find the other boxes over mDNS, elect a head, form a Ray cluster."""
@@ -145,7 +167,12 @@ def command(
     with user_errors():
         # The router's restore runs when this box becomes head; the mesh agent
         # below it only calls the hook.
-        agent = Agent(settings, secret, start_ray=not no_ray, on_head=on_head)
+        hook = on_head
+        if gateway:  # the restore on becoming head starts the gateway even with no model
+            args = ["--host", gateway_host] if gateway_host else []
+            args += ["--port", str(gateway_port)] if gateway_port else []
+            hook = functools.partial(on_head, gateway_args=args)
+        agent = Agent(settings, secret, start_ray=not no_ray, on_head=hook)
         typer.echo(
             f"box {agent.box_id} ({agent.identity.source}) joining mesh '{mesh}' on "
             f"{agent.iface.name} "

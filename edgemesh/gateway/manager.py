@@ -128,6 +128,14 @@ class Manager:
     def services(self) -> dict[str, ModelService]:
         return self.app.state.services
 
+    @property
+    def graphs(self) -> dict[str, Any]:
+        """Graph models served over /v2 (``edgemesh.gateway.oip``'s table)."""
+        graphs = getattr(self.app.state, "graphs", None)
+        if graphs is None:
+            graphs = self.app.state.graphs = {}
+        return graphs
+
     # -- reads -------------------------------------------------------------
 
     def box_id(self) -> str:
@@ -262,14 +270,6 @@ class LocalManager(Manager):
         except (OSError, EdgemeshError) as exc:  # a box without /proc still lists
             row["live_error"] = f"{type(exc).__name__}: {exc}"
         return {"boxes": [row], "lost": []}
-
-    @property
-    def graphs(self) -> dict[str, Any]:
-        """Graph models served over /v2 (``edgemesh.gateway.oip``'s table)."""
-        graphs = getattr(self.app.state, "graphs", None)
-        if graphs is None:
-            graphs = self.app.state.graphs = {}
-        return graphs
 
     def _paths(self) -> dict[str, str]:
         """Served name -> package folder, LLMs and graphs alike."""

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 LIVE_PERIOD_S = 2.0
 LIVE_TIMEOUT_S = 3.0
 STALE_S = 15.0
+STOP_DELAY_S = 1.0
 
 
 def find_packages_here(extra: list[str]) -> list[dict[str, Any]]:
@@ -31,13 +32,29 @@ def find_packages_here(extra: list[str]) -> list[dict[str, Any]]:
     return find_packages(p for p in extra if p and Path(p).is_dir())
 
 
+def package_kind(path: str) -> str | None:
+    """On a box: "llm", "graph" or None for the folder at ``path``."""
+    from edgemesh.gateway.packages import describe
+
+    info = describe(Path(path))
+    return None if info is None else str(info["kind"])
+
+
+def read_graph_manifest(path: str) -> bytes:
+    """On a box: a graph package's ``graph.json`` bytes."""
+    manifest = Path(path) / "graph.json"
+    try:
+        return manifest.read_bytes()
+    except OSError as exc:
+        raise ModelNotFoundError(f"no graph manifest at {manifest}: {exc}") from exc
+
+
 def read_manifest(path: str) -> bytes:
     manifest = Path(path) / "manifest.json"
     if not manifest.exists() and (Path(path) / "graph.json").exists():
         raise UnsupportedModelError(
-            f"'{path}' is a graph (vision) package; the mesh gateway deploys LLM packages",
-            hint="serve it on one box from that box's page (edgemesh serve), or with "
-            "`edgemesh serve --model DIR --replica http://BOX:PORT ...` over several boxes",
+            f"'{path}' is a graph (vision) package: it has no layers to plan",
+            hint="deploy it without a plan; it runs whole on each box that serves it",
         )
     try:
         return manifest.read_bytes()
@@ -58,8 +75,11 @@ def stop_agent() -> str:
             "this box's agent state was not found (EDGEMESH_STATE_DIR unset or stale)",
             code="box_not_found",
         )
-    os.kill(int(doc["pid"]), signal.SIGTERM)
-    return f"asked the agent (pid {doc['pid']}) to leave"
+    pid = int(doc["pid"])
+    # Signalled a moment later, so this reply leaves the box before the
+    # agent stops the box's Ray node (and this worker with it).
+    threading.Timer(STOP_DELAY_S, os.kill, (pid, signal.SIGTERM)).start()
+    return f"asked the agent (pid {pid}) to leave"
 
 
 class LivePoller(threading.Thread):

@@ -20,6 +20,17 @@ planned, its package mirrored to the head and its pipeline opened here, and
 the deployment records (GCS KV) are updated so a new head restores the same
 set. The replica is never restarted for it, so live streams of the other
 models go on.
+
+A re-plan applied from the page and a drain move a model's stages live, the
+way a join does (``RayPipeline.move``: in-flight steps finish, new stages
+start, live sequences are replayed onto them), so its streams go on too.
+Only a model served in-process on the head (a one-stage plan there) has no
+stages to move: it is deployed again, which cuts its streams; ``replan``
+says which (``live``) so the page can warn first.
+
+Drained boxes are kept in the records (``drained``) and handed to every
+pipeline's placer, which leaves them out of every later plan (after a join,
+a loss or a re-plan) while they stay alive and announcing, until Undrain.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.errors import ConflictError, NotFoundError
 from edgemesh.gateway.jobs import Job
@@ -37,13 +48,20 @@ from edgemesh.gateway.manager import Manager, model_view, stages_by_box
 from edgemesh.gateway.mesh_boxes import (
     LivePoller,
     find_packages_here,
+    package_kind,
+    read_graph_manifest,
     read_manifest,
     stop_agent,
 )
 
+if TYPE_CHECKING:
+    from edgemesh.mesh.deployment_record import StageInfo
+    from edgemesh.sharding.planner.plan import Plan
+
 log = logging.getLogger(__name__)
 
 PACKAGES_TIMEOUT_S = 10.0
+REMOVE_TIMEOUT_S = 90.0
 
 
 class MeshManager(Manager):
@@ -60,9 +78,14 @@ class MeshManager(Manager):
         self.state_dir = Path(folder) if folder else None
         self.live = LivePoller(ray)
         self.live.start()
+        self._moving: set[str] = set()  # models moved from the page (not a recovery)
 
     def attach(self, app: Any) -> None:
         super().attach(app)
+        try:
+            self._exclude(set(self._records().get("drained", [])))
+        except Exception as exc:  # a later drain/undrain sets it again
+            log.warning("could not read the drained boxes from the records: %r", exc)
         # The models this gateway was started with (by `edgemesh deploy`, or a
         # restore on a new head); their records may still be in the making
         # (deploy writes them once the gateway is up), so the stages come
@@ -84,6 +107,18 @@ class MeshManager(Manager):
                 box=record.get("origin_box"),
                 at=float(record.get("deployed") or time.time()),
             )
+
+    def _exclude(self, drained: set[str]) -> None:
+        """Hand the drained boxes to every served model's placer."""
+        for service in self.services.values():
+            placer = getattr(service.engine.pipeline, "placer", None)
+            if placer is not None and hasattr(placer, "exclude"):
+                placer.exclude(drained)
+
+    def _live_move(self, service: Any) -> bool:
+        pipe = service.engine.pipeline
+        placer = getattr(pipe, "placer", None)
+        return hasattr(pipe, "move") and hasattr(placer, "adopt")
 
     # -- what the head knows ------------------------------------------------
 
@@ -213,8 +248,10 @@ class MeshManager(Manager):
     def packages(self) -> dict[str, Any]:
         ray = self._ray
         task = ray.remote(find_packages_here)
-        records = self._records().get("models", {})
-        extra = [m.get("package_dir", "") for m in records.values()]
+        doc = self._records()
+        records = doc.get("models", {})
+        graphs = doc.get("graphs") or {}
+        extra = [m.get("package_dir", "") for m in [*records.values(), *graphs.values()]]
         boxes = [b.id for b in self._alive()]
         refs = {
             b: task.options(resources={f"box:{b}": 0.001}, num_cpus=0).remote(extra) for b in boxes
@@ -226,7 +263,7 @@ class MeshManager(Manager):
                     p["box"] = box
                     p["deployed_as"] = [
                         n
-                        for n, m in records.items()
+                        for n, m in {**records, **graphs}.items()
                         if m.get("package_dir") == p["path"] and m.get("origin_box") == box
                     ]
                     found.append(p)
@@ -257,7 +294,7 @@ class MeshManager(Manager):
         for record in sorted(doc["models"].values(), key=lambda r: r.get("deployed", 0)):
             recorded.update({p["id"]: p for p in record.get("profiles", []) if "id" in p})
         missing = [b for b in boxes if b.id not in recorded]
-        measured = measure_profiles(self._ray, missing) if missing else []
+        measured = [p.to_dict() for p in measure_profiles(self._ray, missing)] if missing else []
         return [recorded[b.id] for b in boxes if b.id in recorded] + measured
 
     def _box(self, box: str | None) -> str:
@@ -280,9 +317,11 @@ class MeshManager(Manager):
 
     def deploy(self, package: str, *, box: str | None, name: str | None, plan: dict | None) -> Job:
         box = self._box(box)
+        if self._kind(package, box) == "graph":
+            return self._start_graph(package, box, name, plan)
         raw, manifest = self._manifest(package, box)
         name = name or manifest.name
-        if name in self.services:
+        if name in self.services or name in self.graphs:
             raise ConflictError(
                 f"a model named '{name}' is already served; undeploy it first",
                 param="name",
@@ -317,8 +356,11 @@ class MeshManager(Manager):
         alive = {b.id for b in self._alive()}
         placed = checked_plan(fixed, manifest, alive) if fixed else plan(manifest, profiles)
         step(f"copying the package from {box} to the head ({self.head_box})")
+        from edgemesh.mesh.deployment_record import DeploymentRecord, PackageRef
+
+        ref = PackageRef.from_bytes(raw, path=package, origin_box=box)
         mirror = mirror_package(
-            self._ray, name, raw, source_box=box, path=package, head=self.head_box
+            self._ray, name, ref, source_box=box, path=package, head=self.head_box
         )
         doc = self._records()
         gateway = doc.get("gateway") or next(
@@ -345,8 +387,16 @@ class MeshManager(Manager):
             "deployed": time.time(),
         }
         step("starting the stages: " + ", ".join(st["box"] for st in record["stages"]))
-        service = mesh_service(record, here=self.head_box, source=mirror, on_change=self._on_change)
+        service = mesh_service(
+            DeploymentRecord.from_dict(record),
+            here=self.head_box,
+            source=mirror,
+            on_change=self._on_change,
+        )
         service.info["plan_full"] = placed.to_dict()
+        placer = getattr(service.engine.pipeline, "placer", None)
+        if placer is not None and hasattr(placer, "exclude"):
+            placer.exclude(set(doc.get("drained", [])))
         self.services[name] = service
         self.sources[name] = mirror
         self.watcher.add(service.engine.pipeline)
@@ -363,16 +413,136 @@ class MeshManager(Manager):
         self.events.add("deploy", msg, model=name, box=box)
         return msg, model_view(name, service, self.head_box)
 
-    def _on_change(self, name: str, stages: list[dict], plan: dict) -> None:
+    def _on_change(self, name: str, stages: list[StageInfo], plan: Plan) -> None:
         from edgemesh.mesh.deployments import record_stages
 
-        where = ", ".join(f"{s['box']} {s['layers']}" for s in stages)
+        where = ", ".join(f"{s.box} {list(s.layers)}" for s in stages)
+        if name in self.services:
+            self.services[name].info["plan_full"] = plan.to_dict()
+        if name in self._moving:  # asked for from the page: logged by the action
+            record_stages(self._ray, name, stages, plan)
+            return
         self.events.add("recover", f"'{name}' stages now on {where}", level="warning", model=name)
         record_stages(self._ray, name, stages, plan)
 
     def undeploy(self, name: str) -> Job:
+        if name in self.graphs:
+            return self.jobs.start("undeploy", name, lambda job: self._undeploy_graph(name))
         self._service(name)
         return self.jobs.start("undeploy", name, lambda job: self._undeploy(name))
+
+    # -- graph (vision) models: whole replicas, served on /v2 -----------------
+
+    def _kind(self, package: str, box: str) -> str | None:
+        task = self._ray.remote(package_kind)
+        ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
+        return self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
+
+    def _start_graph(self, package: str, box: str, name: str | None, plan: dict | None) -> Job:
+        if plan is not None:
+            raise ConflictError(
+                "a graph model runs whole on each box that serves it: there is no plan to "
+                "give; deploy it without one",
+                param="plan",
+                code="invalid_plan",
+            )
+        task = self._ray.remote(read_graph_manifest)
+        ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
+        raw = self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
+        name = name or str(json.loads(raw).get("name") or Path(package).name)
+        if name in self.services or name in self.graphs:
+            raise ConflictError(
+                f"a model named '{name}' is already served; undeploy it first",
+                param="name",
+                code="model_exists",
+            )
+        return self.jobs.start(
+            "deploy", name, lambda job: self._deploy_graph(package, box, name, raw, job)
+        )
+
+    def _deploy_graph(
+        self, package: str, box: str, name: str, raw: bytes, job: Job
+    ) -> tuple[str, Any]:
+        """Replicas on the boxes that serve it best (``graph_deploy.place_replicas``,
+        what ``edgemesh deploy DIR`` of a graph does), recorded under ``graphs``,
+        then served on /v2 by this replica: no gateway restart, so nothing else
+        served is disturbed."""
+        from edgemesh.mesh.deployments import write_records
+        from edgemesh.router.graph_place import GRAPHS, GraphDeployOptions, place_replicas
+        from edgemesh.router.graph_replica import GraphSource, open_graph_sets
+
+        doc = self._records()
+        drained = set(doc.get("drained", []))
+        usable = [b.id for b in self._alive() if b.id not in drained]
+        job.message = f"opening a replica on {', '.join(usable)} (each picks its engine)"
+        options = GraphDeployOptions()
+        source = (
+            self._ray.remote(GraphSource)
+            .options(resources={f"box:{box}": 0.001}, num_cpus=0)
+            .remote(package)
+        )
+        try:
+            placed = place_replicas(
+                self._ray,
+                name,
+                raw,
+                usable,
+                source=source,
+                origin_box=box,
+                package_dir=package,
+                options=options,
+            )
+        finally:
+            self._ray.kill(source)
+        doc = self._records()
+        base = (doc.get("gateway") or "").removesuffix("/v1")
+        record = {
+            "kind": "graph",
+            "name": name,
+            "manifest": raw.decode(),
+            "package_dir": package,
+            "origin_box": box,
+            "replicas": placed.replicas,
+            "not_chosen": placed.not_chosen,
+            "refused": placed.refused,
+            "replicas_wanted": options.replicas,
+            "max_accuracy_loss": options.max_accuracy_loss,
+            "threads": options.threads,
+            "gateway": f"{base}/v2" if base else None,
+            "deployed": time.time(),
+        }
+        doc.setdefault(GRAPHS, {})[name] = record
+        write_records(self._ray, doc, None)
+        opened = open_graph_sets(self._ray, {name: record})
+        if not opened:
+            raise ConflictError(f"the replicas of '{name}' went away while opening", code="busy")
+        self.graphs[name] = opened[0]
+        where = ", ".join(
+            f"{r['box']} {r['backend']}/{r['precision']} ({r.get('p50_ms')} ms)"
+            for r in placed.replicas
+        )
+        refused = "; ".join(f"{b}: {why}" for b, why in sorted(placed.refused.items()))
+        msg = f"deployed graph '{name}' from {box}: replicas on {where}" + (
+            f"; refused by {refused}" if refused else ""
+        )
+        self.events.add("deploy", msg, model=name, box=box)
+        return msg, {"name": name, "kind": "graph", "replicas": placed.replicas}
+
+    def _undeploy_graph(self, name: str) -> tuple[str, Any]:
+        from edgemesh.mesh.deployments import write_records
+        from edgemesh.router.graph_place import GRAPHS, remove_replicas
+
+        served = self.graphs.pop(name, None)
+        doc = self._records()
+        record = doc.get(GRAPHS, {}).pop(name, None) or {}
+        write_records(self._ray, doc, None)
+        boxes = [r["box"] for r in record.get("replicas", [])]
+        remove_replicas(self._ray, name, boxes)
+        if served is not None and hasattr(served, "close"):
+            served.close()
+        msg = f"undeployed graph '{name}' (replicas on {', '.join(boxes) or 'none'} stopped)"
+        self.events.add("undeploy", msg, model=name)
+        return msg, None
 
     def _undeploy(self, name: str) -> tuple[str, Any]:
         from edgemesh.mesh.deployments import RAY_NAMESPACE as NAMESPACE
@@ -408,31 +578,68 @@ class MeshManager(Manager):
 
         manifest = Manifest.from_dict(json.loads(record["manifest"]))
         current = placer.plan.to_dict() if placer is not None else record["plan"]
-        return {"current": current, "proposed": plan(manifest, self._profiles()).to_dict()}
+        return {
+            "current": current,
+            "proposed": plan(manifest, self._profiles()).to_dict(),
+            # True: applying moves the stages with the streams replayed; False:
+            # the model is deployed again and its live streams are cut.
+            "live": self._live_move(service),
+        }
 
     def apply_replan(self, name: str, plan: dict | None) -> Job:
-        service = self._service(name)
+        self._service(name)
         proposed = plan or self.replan(name)["proposed"]
 
         def run(job: Job) -> tuple[str, Any]:
-            record = self._records()["models"][name]
-            self._undeploy(name)
-            from edgemesh.sharding.package.manifest import Manifest
-
-            manifest = Manifest.from_dict(json.loads(record["manifest"]))
-            msg, result = self._deploy(
-                record["package_dir"],
-                record["origin_box"],
-                name,
-                record["manifest"].encode(),
-                manifest,
-                proposed,
-            )
+            msg = self._apply(name, proposed, job)
             self.events.add("replan", f"re-planned '{name}': {msg}", model=name)
-            return msg, result
+            return msg, model_view(name, self.services[name], self.head_box)
 
-        del service
         return self.jobs.start("replan", name, run)
+
+    def _apply(self, name: str, proposed: dict, job: Job | None = None) -> str:
+        """Put ``name`` on the ``proposed`` plan: moved live when its pipeline
+        can (no stream cut), else undeployed and deployed again."""
+        from edgemesh.router.placement import checked_plan
+        from edgemesh.sharding.package.manifest import Manifest
+
+        record = self._records()["models"][name]
+        manifest = Manifest.from_dict(json.loads(record["manifest"]))
+        placed = checked_plan(proposed, manifest, {b.id for b in self._alive()})
+        where = ", ".join(
+            f"{s.box} [{s.layers.start},{s.layers.stop}) {s.backend}/{s.precision}"
+            for s in placed.stages
+        )
+        service = self.services[name]
+        if self._live_move(service):
+            if job is not None:
+                job.message = f"moving the stages live to {where}"
+            pipe = service.engine.pipeline
+            before = pipe.placer.plan
+            self._moving.add(name)
+            try:
+                moved = pipe.move(pipe.placer.adopt(placed))
+            finally:
+                self._moving.discard(name)
+            if not moved:
+                pipe.placer.adopt(before)  # nothing moved: the placer keeps the old plan
+                raise ConflictError(
+                    f"'{name}' could not be moved now (it is recovering, or broken): "
+                    "wait for the recovery in the event log, then try again",
+                    code="busy",
+                )
+            return f"moved live to {where} (streams replayed, none cut)"
+        self._undeploy(name)
+        msg, _ = self._deploy(
+            record["package_dir"],
+            record["origin_box"],
+            name,
+            record["manifest"].encode(),
+            manifest,
+            placed.to_dict(),
+            job,
+        )
+        return msg + " (deployed again: its streams were cut)"
 
     def drain(self, box: str, on: bool = True) -> Job:
         if box == self.head_box and on:
@@ -451,6 +658,7 @@ class MeshManager(Manager):
         drained = drained | {box} if on else drained - {box}
         doc["drained"] = sorted(drained)
         write_records(self._ray, doc, None)
+        self._exclude(drained)
         moved = []
         if on:
             for name, service in list(self.services.items()):
@@ -466,22 +674,11 @@ class MeshManager(Manager):
         return msg, {"moved": moved}
 
     def _move_off(self, name: str, box: str) -> None:
-        """Re-place ``name`` without ``box`` (a re-plan, then a re-deploy)."""
+        """Re-place ``name`` without ``box`` (a re-plan over the other boxes, moved live)."""
         proposed = self.replan(name)["proposed"]
         if any(st["box"] == box for st in proposed["stages"]):
             raise ConflictError(f"the planner still puts '{name}' on {box}", code="busy")
-        record = self._records()["models"][name]
-        from edgemesh.sharding.package.manifest import Manifest
-
-        self._undeploy(name)
-        self._deploy(
-            record["package_dir"],
-            record["origin_box"],
-            name,
-            record["manifest"].encode(),
-            Manifest.from_dict(json.loads(record["manifest"])),
-            proposed,
-        )
+        self.events.add("replan", f"'{name}' off {box}: {self._apply(name, proposed)}", model=name)
 
     def remove(self, box: str) -> Job:
         alive = {b.id for b in self._alive()}
@@ -495,6 +692,15 @@ class MeshManager(Manager):
             raise NotFoundError(f"no box '{box}' in the mesh", code="box_not_found")
         return self.jobs.start("remove", box, lambda job: self._remove(box, box in alive))
 
+    def _gone(self, box: str, timeout_s: float) -> bool:
+        """Whether ``box`` leaves Ray's alive nodes within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if box not in {b.id for b in self._alive()}:
+                return True
+            time.sleep(1.0)
+        return False
+
     def _remove(self, box: str, alive: bool) -> tuple[str, Any]:
         from edgemesh.mesh.deployments import write_records
 
@@ -502,7 +708,15 @@ class MeshManager(Manager):
             self._drain(box, True)
             task = self._ray.remote(stop_agent)
             ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote()
-            said = self._ray.get(ref, timeout=30)
+            try:
+                # Generous: on a busy box the task waits for a Ray worker to start.
+                said = self._ray.get(ref, timeout=REMOVE_TIMEOUT_S)
+            except Exception as exc:
+                # A leaving agent stops its box's Ray node, which can take the
+                # reply with it: the box leaving is the answer that counts.
+                if not self._gone(box, REMOVE_TIMEOUT_S):
+                    raise
+                said = f"its agent left (the reply was lost with its node: {type(exc).__name__})"
         else:
             said = "forgotten"
         doc = self._records()
