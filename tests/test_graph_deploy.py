@@ -70,7 +70,7 @@ def test_replicas_serve_through_the_replica_set_and_a_killed_one_is_retried(
 ) -> None:
     from edgemesh.graph.manifest import MANIFEST
     from edgemesh.graph.service import GraphServeOptions, load_graph_service
-    from edgemesh.router.graph_deploy import GraphDeployOptions, place_replicas, remove_replicas
+    from edgemesh.router.graph_place import GraphDeployOptions, place_replicas, remove_replicas
     from edgemesh.router.graph_replica import cache_folder, intact_copy, open_graph_sets
 
     raw = (cluster / MANIFEST).read_bytes()
@@ -116,7 +116,7 @@ def test_replicas_serve_through_the_replica_set_and_a_killed_one_is_retried(
 def test_a_corrupt_source_is_refused_naming_the_file(cluster: Path, tmp_path: Path) -> None:
     from edgemesh.errors import PlanError
     from edgemesh.graph.manifest import MANIFEST
-    from edgemesh.router.graph_deploy import GraphDeployOptions, place_replicas
+    from edgemesh.router.graph_place import GraphDeployOptions, place_replicas
     from edgemesh.router.graph_replica import intact_copy
 
     bad = tmp_path / "cls"
