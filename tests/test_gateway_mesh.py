@@ -51,6 +51,7 @@ TOOL = {
 def mesh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelService]:
     ray = pytest.importorskip("ray")
     from edgemesh.gateway.embeddings import pipeline_embedder
+    from edgemesh.mesh.deployment_record import PackageRef
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.sharding.package.folder import open_package
 
@@ -76,7 +77,7 @@ def mesh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServ
         for i, (box, a, b) in enumerate([("a", 0, 1), ("b", 1, 3)])
     ]
     try:
-        pipe = RayPipeline(StaticPlacer(specs), (package / "manifest.json").read_bytes())
+        pipe = RayPipeline(StaticPlacer(specs), PackageRef.from_folder(package))
         tok = open_package(package).tokenizer()
         engine = Engine(pipe, tok, EngineConfig(context_length=512, max_sequences=8))
         hidden = open_package(package).manifest.hidden_size
