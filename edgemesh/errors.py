@@ -185,9 +185,14 @@ class ContextOverflowError(RequestError):
     status = 400
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str = "context_length_exceeded"
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = "context_length_exceeded",
     ) -> None:
-        # Always a code (OpenAI's), so clients (edgemesh.Client) can tell it apart.
+        # OpenAI's code by default, so clients (edgemesh.Client) can tell it apart;
+        # the gateway passes None for an empty prompt (nothing overflowed).
         super().__init__(message, param=param, code=code)
 
 

@@ -47,7 +47,7 @@ class RayConnection:
         os.environ.update(self.env())
         try:
             import ray
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]  # not in ray's .pyi
         except ImportError as exc:
             raise MissingExtraError("ray", "mesh") from exc
         if already:

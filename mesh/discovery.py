@@ -259,6 +259,9 @@ def browse_once(
             if old is None or record.seq >= old.seq:
                 found[record.box_id] = record
 
+    def drop(box_id: str) -> None:
+        found.pop(box_id, None)
+
     disc = Discovery(
         mesh=mesh,
         key=key,
@@ -266,7 +269,7 @@ def browse_once(
         version=version,
         ray_version=ray_version,
         on_record=keep,
-        on_remove=lambda box_id: found.pop(box_id, None),
+        on_remove=drop,
     )
     try:
         disc._zc = zc_mod.Zeroconf(interfaces=[address])

@@ -293,7 +293,7 @@ class Gcs:
 
     def __init__(self, address: str) -> None:
         try:
-            from ray._raylet import GcsClient
+            from ray._raylet import GcsClient  # type: ignore[attr-defined]  # not in ray's .pyi
         except ImportError as exc:
             raise MissingExtraError("ray", "mesh") from exc
         self.address = address

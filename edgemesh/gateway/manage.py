@@ -10,7 +10,7 @@ Starlette's thread pool, never on the event loop.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -30,6 +30,10 @@ async def _body(request: Request) -> dict[str, Any]:
     return parse_json(raw or b"{}")
 
 
+@overload
+def _str(body: dict[str, Any], key: str, *, required: Literal[True]) -> str: ...
+@overload
+def _str(body: dict[str, Any], key: str, *, required: bool = False) -> str | None: ...
 def _str(body: dict[str, Any], key: str, *, required: bool = False) -> str | None:
     value = body.get(key)
     if value is None:

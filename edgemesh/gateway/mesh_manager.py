@@ -366,7 +366,7 @@ class MeshManager(Manager):
         gateway = doc.get("gateway") or next(
             (m.get("gateway") for m in doc["models"].values() if m.get("gateway")), None
         )
-        record = {
+        record: dict[str, Any] = {
             "name": name,
             "manifest": raw.decode(),
             "package_dir": package,
@@ -476,7 +476,9 @@ class MeshManager(Manager):
         usable = [b.id for b in self._alive() if b.id not in drained]
         job.message = f"opening a replica on {', '.join(usable)} (each picks its engine)"
         options = GraphDeployOptions()
-        source = (
+        # An actor handle; ray's annotations type a remote(cls).options() chain
+        # as "handle or class", which kill() does not take.
+        source: Any = (
             self._ray.remote(GraphSource)
             .options(resources={f"box:{box}": 0.001}, num_cpus=0)
             .remote(package)
@@ -614,7 +616,7 @@ class MeshManager(Manager):
         if self._live_move(service):
             if job is not None:
                 job.message = f"moving the stages live to {where}"
-            pipe = service.engine.pipeline
+            pipe: Any = service.engine.pipeline  # _live_move found its placer and move()
             before = pipe.placer.plan
             self._moving.add(name)
             try:

@@ -356,7 +356,7 @@ async def _sse(job: Job, usage: bool, metrics: GatewayMetrics | None) -> AsyncIt
             reason = event.finish_reason
             if reason is not None:
                 reason = "length" if reason == "length" else "stop"
-                if streams[index] is not None and streams[index].index >= 0:
+                if (call := streams[index]) is not None and call.index >= 0:
                     reason = "tool_calls" if reason == "stop" else reason
             if job.chat:
                 deltas: list[dict[str, Any]] = []

@@ -173,8 +173,8 @@ class CompletionRequest(_Request):
         if isinstance(p, str):
             return [p]
         if isinstance(p[0], int):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            return [list(p)]
+        return list(p)
 
 
 class TextPart(BaseModel):
@@ -259,8 +259,8 @@ class EmbeddingRequest(BaseModel):
         if isinstance(v, str):
             return [v]
         if isinstance(v[0], int):
-            return [list(v)]  # type: ignore[arg-type]
-        return list(v)  # type: ignore[arg-type]
+            return [list(v)]
+        return list(v)
 
 
 class TokenizeRequest(BaseModel):

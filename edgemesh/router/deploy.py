@@ -118,8 +118,8 @@ def deploy(
     head = next((b for b in boxes if b.is_head), None)
     if head is None:
         raise MeshError("the mesh's Ray cluster has no live head box with a box:<id> resource")
-    box_profiles = measure_profiles(ray, boxes) if profiles is None else as_boxes(list(profiles))
-    box_links = as_links(list(links or []))
+    box_profiles = measure_profiles(ray, boxes) if profiles is None else as_boxes(profiles)
+    box_links = as_links(links)
     known = {b.id for b in boxes}
     unknown = sorted({p.id for p in box_profiles} - known)
     if unknown:

@@ -21,6 +21,7 @@ quoted). Memory is in bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,12 +278,12 @@ def resolve_link(
     )
 
 
-def as_boxes(boxes: list[BoxProfile] | list[dict[str, Any]]) -> list[BoxProfile]:
+def as_boxes(boxes: Sequence[BoxProfile] | Sequence[dict[str, Any]]) -> list[BoxProfile]:
     """Accept profiles or their dicts (a fingerprint fresh off the mesh)."""
     return [b if isinstance(b, BoxProfile) else BoxProfile.from_dict(b) for b in boxes]
 
 
-def as_links(links: list[Link] | list[dict[str, Any]] | None) -> list[Link]:
+def as_links(links: Sequence[Link] | Sequence[dict[str, Any]] | None) -> list[Link]:
     return [x if isinstance(x, Link) else Link.from_dict(x) for x in links or []]
 
 
