@@ -23,6 +23,8 @@ MAX_TOP_LOGPROBS = 20
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
+    """OpenAI's default for /v1/completions (a chat request's is the serving
+    limits' ``default_max_tokens``)."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

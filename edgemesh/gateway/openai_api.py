@@ -80,7 +80,7 @@ def install(app: FastAPI, service_for: Callable[[str], ModelService]) -> None:
             body,
             chat=False,
             max_tokens=max_tokens,
-            default_max=16,
+            default_max=SamplingParams.max_tokens,  # OpenAI: /v1/completions gives 16
             logprobs=body.logprobs,
             score_prompt=body.echo and body.logprobs is not None,
         )
