@@ -414,8 +414,8 @@ def _ray_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     from edgemesh.engine import Engine, EngineConfig
     from edgemesh.lab.isolation import local_ray
-    from edgemesh.router.placement import StaticPlacer
     from edgemesh.mesh.deployment_record import PackageRef
+    from edgemesh.router.placement import StaticPlacer
     from edgemesh.router.ray_pipeline import RayPipeline
     from edgemesh.router.stage import StageSpec
     from edgemesh.sampling import SamplingParams
