@@ -82,14 +82,6 @@ def command(
             "(after a head change; the new head's agent runs this).",
         ),
     ] = False,
-    replicas: Annotated[
-        str,
-        typer.Option(
-            "--replicas",
-            help="Graph packages: 'auto' (every box within reach of the fastest) or N "
-            "(the N fastest boxes), each holding a whole copy.",
-        ),
-    ] = "auto",
     gateway: Annotated[
         bool,
         typer.Option(
@@ -99,6 +91,14 @@ def command(
             "(`edgemesh join --gateway` runs this on the head).",
         ),
     ] = False,
+    replicas: Annotated[
+        str,
+        typer.Option(
+            "--replicas",
+            help="Graph packages: 'auto' (every box within reach of the fastest) or N "
+            "(the N fastest boxes), each holding a whole copy.",
+        ),
+    ] = "auto",
     max_accuracy_loss: Annotated[
         float | None,
         typer.Option(
