@@ -61,6 +61,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PACKAGES_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+"""A plan or a deploy reads the package's manifest with a task on its box:
+one the user waits for, which on a busy small box first starts a Ray
+worker there (seconds to tens of seconds), so it gets longer than the
+page's package listing, which must not hang on a silent box."""
 REMOVE_TIMEOUT_S = 90.0
 
 
@@ -278,7 +283,7 @@ class MeshManager(Manager):
 
         task = self._ray.remote(read_manifest)
         ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
-        raw = self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
+        raw = self._ray.get(ref, timeout=READ_TIMEOUT_S)
         return raw, Manifest.from_dict(json.loads(raw))
 
     def _profiles(self) -> list[dict[str, Any]]:
@@ -436,7 +441,7 @@ class MeshManager(Manager):
     def _kind(self, package: str, box: str) -> str | None:
         task = self._ray.remote(package_kind)
         ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
-        return self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
+        return self._ray.get(ref, timeout=READ_TIMEOUT_S)
 
     def _start_graph(self, package: str, box: str, name: str | None, plan: dict | None) -> Job:
         if plan is not None:
@@ -448,7 +453,7 @@ class MeshManager(Manager):
             )
         task = self._ray.remote(read_graph_manifest)
         ref = task.options(resources={f"box:{box}": 0.001}, num_cpus=0).remote(package)
-        raw = self._ray.get(ref, timeout=PACKAGES_TIMEOUT_S)
+        raw = self._ray.get(ref, timeout=READ_TIMEOUT_S)
         name = name or str(json.loads(raw).get("name") or Path(package).name)
         if name in self.services or name in self.graphs:
             raise ConflictError(
