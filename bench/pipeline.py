@@ -238,6 +238,7 @@ def router_figures(package: Path, tokens: int, tmp: Path) -> dict[str, Any]:
             continue
         cuts = [round(n * i / stages) for i in range(1, stages)]
         points = [0, *cuts, n]
+        limits = EngineConfig(context_length=512, max_sequences=16, max_queue=64)
         specs = [
             StageSpec(
                 i,
@@ -248,11 +249,12 @@ def router_figures(package: Path, tokens: int, tmp: Path) -> dict[str, Any]:
                 package_dir=str(package),
                 cache_root=str(tmp / BOXES[i]),
                 threads=1,
+                max_sequences=limits.max_sequences,  # every stage holds what the engine admits
             )
             for i, (a, b) in enumerate(itertools.pairwise(points))
         ]
         pipe = RayPipeline(StaticPlacer(specs), manifest)
-        engine = Engine(pipe, tok, EngineConfig(context_length=512, max_sequences=16, max_queue=64))
+        engine = Engine(pipe, tok, limits)
         row: dict[str, Any] = {"layers": [[s.start, s.stop] for s in specs]}
         try:
             list(engine.submit(prompts[0], params))  # warm-up

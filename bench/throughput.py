@@ -19,7 +19,11 @@ the moment all N were submitted. The onnxruntime worker also times one
 decode step of 16 sequences with their cache compact (as the backend keeps
 it) against the same cache spread over every slot of the context (what a
 static slotted cache costs a graph whose KV is concat-in, tensor-out), and
-its peak RSS is set beside the planner's memory figure for the box.
+its RSS while the largest concurrency decodes (sampled every 10 ms; the
+lifetime peak, loading included, is kept beside it) is set against the
+planner's memory figure for the box. The reference worker also times one
+prompt's prefill alone and all prompts' prefill in one call: the floor that
+any schedule's TTFT p50 at N streams meets on this box.
 """
 
 from __future__ import annotations
@@ -67,10 +71,11 @@ def _concurrent(engine: Any, prompts: list[list[int]], tokens: int) -> dict[str,
                 times[i].append(time.perf_counter())
 
     threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with _RssSampler() as rss:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     begin = max(ts[0] for ts in times)
     end = min(ts[-1] for ts in times)
     inside = sum(1 for ts in times for t in ts if begin < t <= end)
@@ -83,7 +88,39 @@ def _concurrent(engine: Any, prompts: list[list[int]], tokens: int) -> dict[str,
         "ttft_p50_ms": round(1000 * float(np.median(ttft)), 1),
         "ttft_max_ms": round(1000 * ttft[-1], 1),
         "mean_batch": round(float(engine.stats.to_dict()["mean_batch"]), 2),
+        "serving_rss_peak_bytes": rss.peak,
     }
+
+
+class _RssSampler:
+    """The process's resident set sampled every 10 ms while the streams run.
+
+    ``ru_maxrss`` is the lifetime peak, load included (an ONNX session holds
+    the model proto and its own copy of the weights for a moment); the
+    planner's figure is for a box *serving* its sequences, so the
+    comparison takes the peak seen while they decode."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def _layout_check(backend: Any, prompt_tokens: int, context: int) -> dict[str, Any]:
@@ -166,6 +203,7 @@ def _engine_worker(job: dict[str, Any]) -> dict[str, Any]:
                 service.engine, _prompts(n, job["prompt_tokens"]), job["tokens"]
             )
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["serving_rss_peak_bytes"] = out["runs"][str(max(streams))]["serving_rss_peak_bytes"]
         if kind == "package":
             backend = service.engine.pipeline.backends[0]
             out["layout"] = _layout_check(backend, job["prompt_tokens"], context)
@@ -190,10 +228,58 @@ def _llamacpp_worker(job: dict[str, Any]) -> dict[str, Any]:
     try:
         for n in job["streams"]:
             out["runs"][str(n)] = _llamacpp_batched(llama, model, vocab, n, job)
+        out["prefill"] = _prefill_floor(llama, model, max(job["streams"]), job)
     finally:
         llama.llama_model_free(model)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
+
+
+def _prefill_floor(llama: Any, model: Any, n: int, job: dict) -> dict[str, Any]:
+    """How low TTFT p50 at ``n`` streams can go on this box, from its prefill speed.
+
+    The median stream's first token needs, under any schedule, at least half
+    of the ``n`` prompts prefilled (the median is the n/2-th and n/2+1-th
+    first tokens). So p50 >= (n/2 + 1/2) prompts' worth of prefill at the best
+    rate this box reaches, which is all ``n`` prompts in one ``llama_decode``
+    (the widest batch). Measured: one prompt alone, and all ``n`` in one call."""
+    prompts = _prompts(n, job["prompt_tokens"], seed=3)
+
+    def timed(rows: list[tuple[int, int, int]], seqs: int) -> float:
+        cparams = llama.llama_context_default_params()
+        cparams.n_seq_max = seqs
+        cparams.n_ctx = job["context"] * seqs
+        cparams.n_batch = cparams.n_ubatch = max(512, len(rows))
+        cparams.n_threads = cparams.n_threads_batch = job["threads"]
+        ctx = llama.llama_init_from_model(model, cparams)
+        batch = llama.llama_batch_init(len(rows), 0, 1)
+        try:
+            best = float("inf")
+            for _ in range(3):
+                llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
+                batch.n_tokens = len(rows)
+                for k, (tok, pos, seq) in enumerate(rows):
+                    batch.token[k], batch.pos[k] = tok, pos
+                    batch.n_seq_id[k], batch.seq_id[k][0] = 1, seq
+                    batch.logits[k] = pos == job["prompt_tokens"] - 1
+                t0 = time.perf_counter()
+                if llama.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                best = min(best, time.perf_counter() - t0)
+            return best
+        finally:
+            llama.llama_batch_free(batch)
+            llama.llama_free(ctx)
+
+    one = timed([(t, i, 0) for i, t in enumerate(prompts[0])], 1)
+    every = timed([(t, i, s) for s, p in enumerate(prompts) for i, t in enumerate(p)], n)
+    floor = (n / 2 + 0.5) * (every / n) / one
+    return {
+        "streams": n,
+        "one_prompt_ms": round(1000 * one, 1),
+        "all_prompts_one_call_ms": round(1000 * every, 1),
+        "ttft_p50_floor_vs_1": round(floor, 2),
+    }
 
 
 def _llamacpp_batched(llama: Any, model: Any, vocab: int, n: int, job: dict) -> dict[str, Any]:
@@ -292,6 +378,9 @@ def run(
             result["peak_rss_vs_planned"] = round(
                 result["peak_rss_bytes"] / result["planned"]["total"], 3
             )
+            result["serving_rss_vs_planned"] = round(
+                result["serving_rss_peak_bytes"] / result["planned"]["total"], 3
+            )
     result = {
         "model": Path(gguf).name,
         "package": str(package),
@@ -316,6 +405,10 @@ def run(
     return result
 
 
+def f_mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
 def render(result: dict[str, Any]) -> str:
     streams = result["streams"]
     lines = [
@@ -333,10 +426,18 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{'  x one stream':<32}" + ratios)
         if "ttft_p50_16_vs_1" in r:
             lines.append(f"  TTFT p50 at 16 vs 1 stream: {r['ttft_p50_16_vs_1']}x")
+        if "prefill" in r:
+            f = r["prefill"]
+            lines.append(
+                f"  prefill: one prompt {f['one_prompt_ms']} ms, all {f['streams']} in one call "
+                f"{f['all_prompts_one_call_ms']} ms -> no schedule gets TTFT p50 at "
+                f"{f['streams']} below {f['ttft_p50_floor_vs_1']}x one stream here"
+            )
         if "peak_rss_vs_planned" in r:
             lines.append(
-                f"  peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, planner "
-                f"{r['planned']['total'] / 1e6:.0f} MB ({r['peak_rss_vs_planned']}x)"
+                f"  RSS serving {f_mb(r['serving_rss_peak_bytes'])} ({r['serving_rss_vs_planned']}x"
+                f" the planner's {f_mb(r['planned']['total'])}); lifetime peak incl. load "
+                f"{f_mb(r['peak_rss_bytes'])} ({r['peak_rss_vs_planned']}x)"
             )
     return "\n".join(lines)
 
