@@ -205,7 +205,7 @@ class LlamaCppBackend(Backend):
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._slots: dict[int, int] = {}
-        self._free = list(range(self.max_sequences - 1, -1, -1))
+        self._free = list(range(self.max_sequences))
         self.graph_runs = 0
         """``llama_decode`` calls so far: a call's sequences share one (up to n_batch tokens)."""
 
@@ -229,6 +229,11 @@ class LlamaCppBackend(Backend):
                 for j, tok in enumerate(item.tokens.tolist()):
                     want = item.logits == "all" or j == n - 1
                     plan.append((i, int(tok), item.start_pos + j, slot, want))
+            # Rows in ascending stream order: with one KV stream per sequence
+            # llama.cpp only keeps sequences in one ubatch when their streams
+            # ascend; any other order splits the step into a pass per sequence
+            # (measured here: 8 decode rows 48 ms ascending, 180 ms descending).
+            plan.sort(key=lambda row: (row[3], row[2]))
             rows: list[list[np.ndarray]] = [[] for _ in batch]
             for begin in range(0, len(plan), self.n_batch):
                 self._decode(plan[begin : begin + self.n_batch], rows)
@@ -277,7 +282,10 @@ class LlamaCppBackend(Backend):
                     f"all {self.max_sequences} sequence slots are busy",
                     hint="release finished sequences or raise max_sequences",
                 )
-            slot = self._free.pop()
+            # The lowest free stream: a gap between the streams of one step
+            # splits it as well (8 rows over streams 0-3 and 12-15: 63 ms vs 48).
+            slot = min(self._free)
+            self._free.remove(slot)
             self._slots[seq_id] = slot
         return slot
 

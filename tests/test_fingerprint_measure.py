@@ -63,6 +63,17 @@ def test_measure_is_cached_and_reused(tmp_path: Path) -> None:
         assert figures["gflops"] > 0 and figures["bandwidth_gbps"] > 0
 
 
+def test_a_spent_budget_still_measures_the_reference() -> None:
+    # On a loaded box the budget runs out; the cpu reference must still be
+    # there, since engines without a probe of their own are priced from it.
+    m = measure.run_benchmarks(
+        ["onnxruntime", kernels.REFERENCE], threads=1, memory_limit_bytes=1 << 30, budget_s=0.0
+    )
+    assert [f.key for f in m.matmul] == ["cpu/fp32"]
+    assert set(m.skipped) == {f"onnxruntime/{p}" for p in kernels.PRECISIONS["onnxruntime"]}
+    assert all("time budget" in why for why in m.skipped.values())
+
+
 def test_cache_key_follows_hardware_and_libraries() -> None:
     cpu = CpuInfo("Test CPU", "GenuineIntel", 4, 4.0, ("avx2",))
     base = measure.cache_key(cpu, 8 << 30, ["cpu"])

@@ -40,8 +40,9 @@ def test_lab_streams_a_chat_over_both_boxes_and_cleans_up(capsys) -> None:
     before = _namespaces()
     main = runpy.run_path(str(LAB))["main"]
     code = main(["--split", "--max-tokens", "12", "--subnet", "10.81.0"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
     # One stage per box, both named in the plan and in where the stages ran.
     ran = out.split("where each stage ran")[1]
     assert "pi " in ran and "jetson " in ran, out
