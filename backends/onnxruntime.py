@@ -127,6 +127,10 @@ class OnnxRuntimeBackend(RangeGraphBackend):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        # No CPU arena: its blocks grow with every new sequence length and are
+        # never returned, so RSS drifted past the planner's KV budget (default
+        # model, 16 sequences: 1232 MB with the arena, 1086 MB without, 2 % fewer tok/s).
+        so.enable_cpu_mem_arena = False
         try:
             self._session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types

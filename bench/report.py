@@ -241,6 +241,15 @@ def _one_box_throughput(result: dict[str, Any]) -> str:
                 f"{r['planned']['total'] / 1e6:.0f} MB for the box "
                 f"({r['peak_rss_vs_planned']}×; goal within 10 %)"
             )
+        fc = r.get("full_context", {})
+        if "vs_planned" in fc:
+            notes.append(
+                f"{name}: RSS with {fc['streams']} sequences run to {fc['tokens_each']} of "
+                f"{result.get('context')} tokens (the context the planner budgets KV for) "
+                f"{fc['serving_rss_peak_bytes'] / 1e6:.0f} MB ({fc['vs_planned']}× the planner's "
+                "figure, which counts the KV once; a range graph takes the past KV and "
+                "returns the present, so a step holds both)"
+            )
         layout = r.get("layout")
         if layout:
             notes.append(

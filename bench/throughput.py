@@ -205,6 +205,17 @@ def _engine_worker(job: dict[str, Any]) -> dict[str, Any]:
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out["serving_rss_peak_bytes"] = out["runs"][str(max(streams))]["serving_rss_peak_bytes"]
         if kind == "package":
+            # The planner budgets every sequence's KV at the full context; the
+            # runs above fill a third of it. So the memory check also runs the
+            # widest concurrency to the end of the context.
+            n, prompt = max(streams), job["prompt_tokens"]
+            full = context - prompt - 2
+            widest = _concurrent(service.engine, _prompts(n, prompt, 5), full)
+            out["full_context"] = {
+                "streams": n,
+                "tokens_each": prompt + full,
+                "serving_rss_peak_bytes": widest["serving_rss_peak_bytes"],
+            }
             backend = service.engine.pipeline.backends[0]
             out["layout"] = _layout_check(backend, job["prompt_tokens"], context)
             out["planned"] = _planned_bytes(
@@ -381,6 +392,9 @@ def run(
             result["serving_rss_vs_planned"] = round(
                 result["serving_rss_peak_bytes"] / result["planned"]["total"], 3
             )
+        if "full_context" in result and "planned" in result:
+            fc = result["full_context"]
+            fc["vs_planned"] = round(fc["serving_rss_peak_bytes"] / result["planned"]["total"], 3)
     result = {
         "model": Path(gguf).name,
         "package": str(package),
@@ -438,6 +452,13 @@ def render(result: dict[str, Any]) -> str:
                 f"  RSS serving {f_mb(r['serving_rss_peak_bytes'])} ({r['serving_rss_vs_planned']}x"
                 f" the planner's {f_mb(r['planned']['total'])}); lifetime peak incl. load "
                 f"{f_mb(r['peak_rss_bytes'])} ({r['peak_rss_vs_planned']}x)"
+            )
+        if "vs_planned" in r.get("full_context", {}):
+            fc = r["full_context"]
+            lines.append(
+                f"  RSS with {fc['streams']} sequences at {fc['tokens_each']} of "
+                f"{result['context']} tokens: {f_mb(fc['serving_rss_peak_bytes'])} "
+                f"({fc['vs_planned']}x the planner's figure)"
             )
     return "\n".join(lines)
 

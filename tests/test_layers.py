@@ -31,7 +31,8 @@ FOLDERS = {
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "core",
-        ("edgemesh", "edgemesh.errors", "edgemesh.paths", "edgemesh.reexec", "edgemesh.limits"),
+        ("edgemesh", "edgemesh.errors", "edgemesh.paths", "edgemesh.reexec", "edgemesh.limits",
+         "edgemesh.heap"),
     ),
     (
         "formats",  # files on disk and text: what every runtime reads

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemesh import heap
 from edgemesh.engine import Engine
 from edgemesh.errors import RequestError
 from edgemesh.limits import ServingLimits
@@ -83,6 +84,7 @@ def serve_pipeline(
     kept, not copied, so a caller may go on updating it."""
     info["limits"] = limits.to_dict()
     engine = Engine(pipeline, tokenizer, limits)
+    heap.trim()  # what loading the tokenizer and the sessions freed
     return ModelService(
         name=name, engine=engine, tokenizer=tokenizer, info=info, embedder_factory=embedder_factory
     )

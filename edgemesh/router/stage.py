@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgemesh import heap
 from edgemesh.backends.base import BackendOptions, LayerRange, SeqInput, ShardSpec
 from edgemesh.errors import ConfigError, InferenceError, ModelNotFoundError
 from edgemesh.limits import DEFAULT_LIMITS
@@ -201,6 +202,7 @@ class StageWorker:
             ),
         )
         self.hidden_size = package.manifest.hidden_size  # parsed once, by the driver
+        heap.trim()  # what building the sessions freed
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._running = False
