@@ -16,6 +16,8 @@ everything inside passes the objects, never the raw JSON.
 - ``DeploymentRecord``: one deployed model (package, plan, box profiles,
   links, stages, gateway URL); versioned (``RECORD_VERSION``). A record
   without a ``version`` key predates versions and is version 1.
+- ``GraphRecord``: one graph (vision) model deployed as whole replicas, one
+  per chosen box (``edgemesh deploy DIR`` of a graph package, the dashboard).
 - ``Deployments``: the document of all records plus the mesh-wide gateway
   settings. Its ``version`` key on the wire is the store's *revision*
   counter (the higher copy wins a sync), not a format version.
@@ -80,6 +82,24 @@ _DOC_KEYS = frozenset(
         "api_key_sha256",
         "drained",
         "forgotten",
+        "graphs",
+    }
+)
+_GRAPH_KEYS = frozenset(
+    {
+        "kind",
+        "name",
+        "manifest",
+        "package_dir",
+        "origin_box",
+        "replicas",
+        "not_chosen",
+        "refused",
+        "replicas_wanted",
+        "max_accuracy_loss",
+        "threads",
+        "gateway",
+        "deployed",
     }
 )
 
@@ -358,6 +378,94 @@ def _limits(data: Any) -> ServingLimits:
     return ServingLimits.from_dict(data)
 
 
+@dataclass(frozen=True)
+class GraphRecord:
+    """One graph model served by whole replicas; see the module docstring."""
+
+    name: str
+    manifest: str
+    """The graph package's manifest.json text, as deployed."""
+    package_dir: str
+    origin_box: str | None
+    replicas: tuple[JSONObject, ...]
+    """Per replica: box, backend, precision, device, measured p50_ms ... (as placed)."""
+    not_chosen: dict[str, float | None] = field(default_factory=dict)
+    """box -> its measured p50 (ms): could serve it, but slower than the chosen."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """box -> why it cannot serve the model."""
+    replicas_wanted: int | None = None
+    """None: every box close to the fastest; N: the N fastest."""
+    max_accuracy_loss: float | None = None
+    """None: the deploy default (records from before it was kept)."""
+    threads: int | None = None
+    gateway: str | None = None
+    """The /v2 URL it is served at."""
+    deployed: float = 0.0
+    extra: JSONObject = field(default_factory=dict, compare=False)
+    """Keys this version does not know, written back unchanged."""
+
+    @property
+    def boxes(self) -> list[str]:
+        return [str(r["box"]) for r in self.replicas]
+
+    def to_dict(self) -> JSONObject:
+        out: JSONObject = dict(self.extra)
+        out.update(
+            {
+                "kind": "graph",
+                "name": self.name,
+                "manifest": self.manifest,
+                "package_dir": self.package_dir,
+                "origin_box": self.origin_box,
+                "replicas": [dict(r) for r in self.replicas],
+                "not_chosen": dict(self.not_chosen),
+                "refused": dict(self.refused),
+                "replicas_wanted": self.replicas_wanted,
+                "max_accuracy_loss": self.max_accuracy_loss,
+                "threads": self.threads,
+                "gateway": self.gateway,
+                "deployed": self.deployed,
+            }
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GraphRecord:
+        """Parse one graph record; ``RecordError`` (naming the model) when malformed."""
+        if not isinstance(data, Mapping):
+            raise RecordError(f"a graph record is a {type(data).__name__}, not an object")
+        name = data.get("name")
+        try:
+            if not isinstance(name, str) or not name:
+                raise ValueError("it has no name")
+            replicas = data.get("replicas") or []
+            if not all(isinstance(r, Mapping) and isinstance(r.get("box"), str) for r in replicas):
+                raise ValueError("a replica has no box")
+            wanted, threads = data.get("replicas_wanted"), data.get("threads")
+            loss = data.get("max_accuracy_loss")
+            origin = data.get("origin_box")
+            return cls(
+                name=name,
+                manifest=str(data["manifest"]),
+                package_dir=str(data["package_dir"]),
+                origin_box=str(origin) if origin is not None else None,
+                replicas=tuple(dict(r) for r in replicas),
+                not_chosen={
+                    str(b): None if t is None else float(t)
+                    for b, t in (data.get("not_chosen") or {}).items()
+                },
+                refused={str(b): str(w) for b, w in (data.get("refused") or {}).items()},
+                replicas_wanted=None if wanted is None else int(wanted),
+                max_accuracy_loss=None if loss is None else float(loss),
+                threads=None if threads is None else int(threads),
+                gateway=str(data["gateway"]) if data.get("gateway") else None,
+                deployed=float(data.get("deployed") or 0.0),
+                extra={k: v for k, v in data.items() if k not in _GRAPH_KEYS},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RecordError(f"graph record {name!r} is malformed: {exc!r}") from exc
+
+
 @dataclass
 class Deployments:
     """Every deployed model plus the mesh's gateway settings (``deployments.json``).
@@ -374,6 +482,7 @@ class Deployments:
     api_key_sha256: list[str] = field(default_factory=list)
     drained: list[str] = field(default_factory=list)
     forgotten: dict[str, float] = field(default_factory=dict)
+    graphs: dict[str, GraphRecord] = field(default_factory=dict)
     extra: JSONObject = field(default_factory=dict)
 
     def gateway_url(self) -> str | None:
@@ -399,6 +508,8 @@ class Deployments:
             out["drained"] = list(self.drained)
         if self.forgotten:
             out["forgotten"] = dict(self.forgotten)
+        if self.graphs:
+            out["graphs"] = {n: g.to_dict() for n, g in self.graphs.items()}
         return out
 
     @classmethod
@@ -419,6 +530,9 @@ class Deployments:
                 api_key_sha256=[str(d) for d in data.get("api_key_sha256") or []],
                 drained=[str(b) for b in data.get("drained") or []],
                 forgotten={str(b): float(t) for b, t in (data.get("forgotten") or {}).items()},
+                graphs={
+                    str(n): GraphRecord.from_dict(g) for n, g in (data.get("graphs") or {}).items()
+                },
                 extra={k: v for k, v in data.items() if k not in _DOC_KEYS},
             )
         except (TypeError, ValueError, AttributeError) as exc:

@@ -15,6 +15,7 @@ from edgemesh.mesh.deployment_record import (
     RECORD_VERSION,
     DeploymentRecord,
     Deployments,
+    GraphRecord,
     PackageRef,
     StageInfo,
 )
@@ -194,17 +195,62 @@ def test_the_document_keeps_other_keys_and_old_documents_read(
         "updated": 12.0,
         "models": {"tiny": _old_form(record)},
         "gateway": "http://10.0.0.1:8000/v1",
-        "graphs": {"det": {"kind": "graph", "name": "det"}},
+        "graphs": {"det": _graph_wire()},
     }
     doc = Deployments.from_dict(old)
     assert doc.revision == 5 and doc.gateway_host is None and doc.api_key_sha256 == []
     assert doc.gateway_url() == "http://10.0.0.1:8000/v1"
     wire = doc.to_dict()
+    assert doc.graphs["det"].boxes == ["pi", "jetson"]
     assert wire["graphs"] == old["graphs"] and wire["version"] == 5
     assert "gateway_host" not in wire  # absent stays absent: restore binds old records the old way
     assert Deployments.from_dict(json.loads(json.dumps(wire))) == doc
     with pytest.raises(RecordError, match="'models'"):
         Deployments.from_dict({"version": 1})
+
+
+def _graph_wire() -> dict:
+    """A graph record as `edgemesh deploy DIR` writes it (router.graph_place.graph_record)."""
+    return {
+        "kind": "graph",
+        "name": "det",
+        "manifest": '{"name": "det"}',
+        "package_dir": "/data/det",
+        "origin_box": "pi",
+        "replicas": [
+            {"box": "pi", "backend": "openvino", "precision": "int8", "p50_ms": 3.1},
+            {"box": "jetson", "backend": "onnxruntime", "precision": "fp32", "p50_ms": 3.4},
+        ],
+        "not_chosen": {"nuc": 9.5, "old": None},
+        "refused": {"rk": "no engine for Resize"},
+        "replicas_wanted": None,
+        "max_accuracy_loss": 0.0,
+        "threads": 2,
+        "gateway": "http://10.0.0.1:8000/v2",
+        "deployed": 17.0,
+    }
+
+
+def test_a_graph_record_round_trips_and_keeps_what_it_does_not_know() -> None:
+    wire = _graph_wire() | {"later_key": [1, 2]}
+    rec = GraphRecord.from_dict(json.loads(json.dumps(wire)))
+    assert rec.boxes == ["pi", "jetson"] and rec.not_chosen == {"nuc": 9.5, "old": None}
+    assert rec.max_accuracy_loss == 0.0  # a recorded 0 is not the default
+    assert rec.to_dict() == wire
+    older = {k: v for k, v in _graph_wire().items() if k != "max_accuracy_loss"}
+    assert GraphRecord.from_dict(older).max_accuracy_loss is None
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"manifest": None} | {"name": ""}, {"replicas": [{"backend": "openvino"}]}, {"threads": "x"}],
+)
+def test_a_malformed_graph_record_is_a_record_error(broken: dict) -> None:
+    wire = {k: v for k, v in (_graph_wire() | broken).items() if v is not None}
+    with pytest.raises(RecordError, match="graph record"):
+        GraphRecord.from_dict(wire)
+    with pytest.raises(RecordError):
+        Deployments.from_dict({"models": {}, "graphs": {"det": wire}})
 
 
 def test_the_store_types_its_records_and_sync_mirrors_what_it_cannot_read(

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,7 @@ from edgemesh.gateway.mesh_boxes import (
 )
 
 if TYPE_CHECKING:
-    from edgemesh.mesh.deployment_record import StageInfo
+    from edgemesh.mesh.deployment_record import Deployments, StageInfo
     from edgemesh.sharding.planner.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class MeshManager(Manager):
     def attach(self, app: Any) -> None:
         super().attach(app)
         try:
-            self._exclude(set(self._records().get("drained", [])))
+            self._exclude(set(self._records().drained))
         except Exception as exc:  # a later drain/undrain sets it again
             log.warning("could not read the drained boxes from the records: %r", exc)
         # The models this gateway was started with (by `edgemesh deploy`, or a
@@ -96,12 +97,12 @@ class MeshManager(Manager):
         # (deploy writes them once the gateway is up), so the stages come
         # from the services and the time from a record when there is one.
         try:
-            records = self._records()["models"]
+            records = self._records().models
         except Exception as exc:  # the log is a convenience: serving goes on
             log.warning("could not read the deployment records for the event log: %r", exc)
             records = {}
         for name, service in sorted(self.services.items()):
-            record = records.get(name, {})
+            record = records.get(name)
             where = ", ".join(
                 f"{st.get('box')} {st.get('layers')}" for st in service.info.get("stages", [])
             )
@@ -109,8 +110,8 @@ class MeshManager(Manager):
                 "deploy",
                 f"serving '{name}': {where}",
                 model=name,
-                box=record.get("origin_box"),
-                at=float(record.get("deployed") or time.time()),
+                box=record.package.origin_box if record else None,
+                at=record.deployed if record and record.deployed else time.time(),
             )
 
     def _exclude(self, drained: set[str]) -> None:
@@ -137,10 +138,15 @@ class MeshManager(Manager):
 
         return read_agent_state(self.state_dir)
 
-    def _records(self) -> dict[str, Any]:
-        from edgemesh.mesh.deployments import read_records
+    def _records(self) -> Deployments:
+        from edgemesh.mesh.deployments import load
 
-        return read_records(self._ray)
+        return load(self._ray)
+
+    def _save(self, records: Deployments) -> None:
+        from edgemesh.mesh.deployments import save
+
+        save(self._ray, records, None)
 
     def _alive(self) -> list[Any]:
         from edgemesh.router.profiles import mesh_boxes
@@ -158,8 +164,8 @@ class MeshManager(Manager):
 
         doc = self._agent_state()
         records = self._records()
-        drained = set(records.get("drained", []))
-        forgotten = records.get("forgotten", {})
+        drained = set(records.drained)
+        forgotten = records.forgotten
         stages = stages_by_box(self.services, self.head_box)
         alive = {b.id: b for b in self._alive()}
         live = self.live.readings()
@@ -254,9 +260,10 @@ class MeshManager(Manager):
         ray = self._ray
         task = ray.remote(find_packages_here)
         doc = self._records()
-        records = doc.get("models", {})
-        graphs = doc.get("graphs") or {}
-        extra = [m.get("package_dir", "") for m in [*records.values(), *graphs.values()]]
+        # (folder, box that deployed it) of each deployed model, by name
+        deployed = {n: (r.package.path, r.package.origin_box) for n, r in doc.models.items()}
+        deployed |= {n: (g.package_dir, g.origin_box) for n, g in doc.graphs.items()}
+        extra = [folder for folder, _ in deployed.values()]
         boxes = [b.id for b in self._alive()]
         refs = {
             b: task.options(resources={f"box:{b}": 0.001}, num_cpus=0).remote(extra) for b in boxes
@@ -267,9 +274,7 @@ class MeshManager(Manager):
                 for p in ray.get(ref, timeout=PACKAGES_TIMEOUT_S):
                     p["box"] = box
                     p["deployed_as"] = [
-                        n
-                        for n, m in {**records, **graphs}.items()
-                        if m.get("package_dir") == p["path"] and m.get("origin_box") == box
+                        n for n, where in deployed.items() if where == (p["path"], box)
                     ]
                     found.append(p)
             except Exception as exc:
@@ -293,11 +298,11 @@ class MeshManager(Manager):
         from edgemesh.router.profiles import measure_profiles
 
         doc = self._records()
-        drained = set(doc.get("drained", []))
+        drained = set(doc.drained)
         boxes = [b for b in self._alive() if b.id not in drained]
         recorded: dict[str, dict[str, Any]] = {}
-        for record in sorted(doc["models"].values(), key=lambda r: r.get("deployed", 0)):
-            recorded.update({p["id"]: p for p in record.get("profiles", []) if "id" in p})
+        for record in sorted(doc.models.values(), key=lambda r: r.deployed):
+            recorded.update({p.id: p.to_dict() for p in record.profiles})
         missing = [b for b in boxes if b.id not in recorded]
         measured = [p.to_dict() for p in measure_profiles(self._ray, missing)] if missing else []
         return [recorded[b.id] for b in boxes if b.id in recorded] + measured
@@ -350,7 +355,6 @@ class MeshManager(Manager):
             if job is not None:
                 job.message = what
 
-        from edgemesh.mesh.deployments import write_records
         from edgemesh.router.mirror import mirror_package
         from edgemesh.router.placement import checked_plan
         from edgemesh.router.service import mesh_service
@@ -362,38 +366,24 @@ class MeshManager(Manager):
         placed = checked_plan(fixed, manifest, alive) if fixed else plan(manifest, profiles)
         step(f"copying the package from {box} to the head ({self.head_box})")
         from edgemesh.mesh.deployment_record import DeploymentRecord, PackageRef
+        from edgemesh.sharding.planner.boxes import BoxProfile
 
         ref = PackageRef.from_bytes(raw, path=package, origin_box=box)
         mirror = mirror_package(
             self._ray, name, ref, source_box=box, path=package, head=self.head_box
         )
         doc = self._records()
-        gateway = doc.get("gateway") or next(
-            (m.get("gateway") for m in doc["models"].values() if m.get("gateway")), None
+        record = DeploymentRecord.new(
+            name,
+            ref,
+            placed,
+            [BoxProfile.from_dict(p) for p in profiles],
+            gateway=doc.gateway_url(),
+            deployed=time.time(),
         )
-        record: dict[str, Any] = {
-            "name": name,
-            "manifest": raw.decode(),
-            "package_dir": package,
-            "origin_box": box,
-            "plan": placed.to_dict(),
-            "profiles": profiles,
-            "links": [],
-            "stages": [
-                {
-                    "box": s.box,
-                    "layers": [s.layers.start, s.layers.stop],
-                    "backend": s.backend,
-                    "precision": s.precision,
-                }
-                for s in placed.stages
-            ],
-            "gateway": gateway,
-            "deployed": time.time(),
-        }
-        step("starting the stages: " + ", ".join(st["box"] for st in record["stages"]))
+        step("starting the stages: " + ", ".join(st.box for st in record.stages))
         service = mesh_service(
-            DeploymentRecord.from_dict(record),
+            record,
             here=self.head_box,
             source=mirror,
             on_change=self._on_change,
@@ -401,12 +391,13 @@ class MeshManager(Manager):
         service.info["plan_full"] = placed.to_dict()
         placer = getattr(service.engine.pipeline, "placer", None)
         if placer is not None and hasattr(placer, "exclude"):
-            placer.exclude(set(doc.get("drained", [])))
+            placer.exclude(set(doc.drained))
         self.services[name] = service
         self.sources[name] = mirror
         self.watcher.add(service.engine.pipeline)
-        doc["models"][name] = record
-        write_records(self._ray, doc, None)
+        doc = self._records()  # again: the stages took a while, others may have written
+        doc.models[name] = record
+        self._save(doc)
         msg = (
             f"deployed '{name}' from {box}: "
             + ", ".join(
@@ -472,12 +463,11 @@ class MeshManager(Manager):
         what ``edgemesh deploy DIR`` of a graph does), recorded under ``graphs``,
         then served on /v2 by this replica: no gateway restart, so nothing else
         served is disturbed."""
-        from edgemesh.mesh.deployments import write_records
-        from edgemesh.router.graph_place import GRAPHS, GraphDeployOptions, place_replicas
+        from edgemesh.router.graph_place import GraphDeployOptions, graph_record, place_replicas
         from edgemesh.router.graph_replica import GraphSource, open_graph_sets
 
         doc = self._records()
-        drained = set(doc.get("drained", []))
+        drained = set(doc.drained)
         usable = [b.id for b in self._alive() if b.id not in drained]
         job.message = f"opening a replica on {', '.join(usable)} (each picks its engine)"
         options = GraphDeployOptions()
@@ -502,25 +492,19 @@ class MeshManager(Manager):
         finally:
             self._ray.kill(source)
         doc = self._records()
-        base = (doc.get("gateway") or "").removesuffix("/v1")
-        record = {
-            "kind": "graph",
-            "name": name,
-            "manifest": raw.decode(),
-            "package_dir": package,
-            "origin_box": box,
-            "replicas": placed.replicas,
-            "not_chosen": placed.not_chosen,
-            "refused": placed.refused,
-            "replicas_wanted": options.replicas,
-            "max_accuracy_loss": options.max_accuracy_loss,
-            "threads": options.threads,
-            "gateway": f"{base}/v2" if base else None,
-            "deployed": time.time(),
-        }
-        doc.setdefault(GRAPHS, {})[name] = record
-        write_records(self._ray, doc, None)
-        opened = open_graph_sets(self._ray, {name: record})
+        base = (doc.gateway or "").removesuffix("/v1")
+        record = graph_record(
+            name,
+            raw,
+            package_dir=package,
+            origin_box=box,
+            placed=placed,
+            options=options,
+            gateway=f"{base}/v2" if base else None,
+        )
+        doc.graphs[name] = record
+        self._save(doc)
+        opened = open_graph_sets(self._ray, {name: record.to_dict()})
         if not opened:
             raise ConflictError(f"the replicas of '{name}' went away while opening", code="busy")
         self.graphs[name] = opened[0]
@@ -536,14 +520,13 @@ class MeshManager(Manager):
         return msg, {"name": name, "kind": "graph", "replicas": placed.replicas}
 
     def _undeploy_graph(self, name: str) -> tuple[str, Any]:
-        from edgemesh.mesh.deployments import write_records
-        from edgemesh.router.graph_place import GRAPHS, remove_replicas
+        from edgemesh.router.graph_place import remove_replicas
 
         served = self.graphs.pop(name, None)
         doc = self._records()
-        record = doc.get(GRAPHS, {}).pop(name, None) or {}
-        write_records(self._ray, doc, None)
-        boxes = [r["box"] for r in record.get("replicas", [])]
+        record = doc.graphs.pop(name, None)
+        self._save(doc)
+        boxes = record.boxes if record is not None else []
         remove_replicas(self._ray, name, boxes)
         if served is not None and hasattr(served, "close"):
             served.close()
@@ -553,7 +536,6 @@ class MeshManager(Manager):
 
     def _undeploy(self, name: str) -> tuple[str, Any]:
         from edgemesh.mesh.deployments import RAY_NAMESPACE as NAMESPACE
-        from edgemesh.mesh.deployments import write_records
         from edgemesh.router.mirror import SOURCE_PREFIX
 
         service = self.services.pop(name, None)
@@ -562,8 +544,8 @@ class MeshManager(Manager):
         self.watcher.remove(service.engine.pipeline)
         service.close()
         doc = self._records()
-        doc["models"].pop(name, None)
-        write_records(self._ray, doc, None)
+        doc.models.pop(name, None)
+        self._save(doc)
         self.sources.pop(name, None)
         try:
             self._ray.kill(self._ray.get_actor(f"{SOURCE_PREFIX}{name}", namespace=NAMESPACE))
@@ -578,13 +560,11 @@ class MeshManager(Manager):
 
         service = self._service(name)
         placer = getattr(service.engine.pipeline, "placer", None)
-        record = self._records()["models"].get(name)
+        record = self._records().models.get(name)
         if record is None:
             raise NotFoundError(f"no deployment record for '{name}'", code="model_not_found")
-        from edgemesh.sharding.package.manifest import Manifest
-
-        manifest = Manifest.from_dict(json.loads(record["manifest"]))
-        current = placer.plan.to_dict() if placer is not None else record["plan"]
+        manifest = record.package.manifest
+        current = (placer.plan if placer is not None else record.plan).to_dict()
         return {
             "current": current,
             "proposed": plan(manifest, self._profiles()).to_dict(),
@@ -608,10 +588,9 @@ class MeshManager(Manager):
         """Put ``name`` on the ``proposed`` plan: moved live when its pipeline
         can (no stream cut), else undeployed and deployed again."""
         from edgemesh.router.placement import checked_plan
-        from edgemesh.sharding.package.manifest import Manifest
 
-        record = self._records()["models"][name]
-        manifest = Manifest.from_dict(json.loads(record["manifest"]))
+        record = self._records().models[name]
+        manifest = record.package.manifest
         placed = checked_plan(proposed, manifest, {b.id for b in self._alive()})
         where = ", ".join(
             f"{s.box} [{s.layers.start},{s.layers.stop}) {s.backend}/{s.precision}"
@@ -638,10 +617,10 @@ class MeshManager(Manager):
             return f"moved live to {where} (streams replayed, none cut)"
         self._undeploy(name)
         msg, _ = self._deploy(
-            record["package_dir"],
-            record["origin_box"],
+            record.package.path,
+            record.package.origin_box or self.head_box,
             name,
-            record["manifest"].encode(),
+            record.package.manifest_bytes,
             manifest,
             placed.to_dict(),
             job,
@@ -658,13 +637,11 @@ class MeshManager(Manager):
         return self.jobs.start("drain" if on else "undrain", box, lambda job: self._drain(box, on))
 
     def _drain(self, box: str, on: bool) -> tuple[str, Any]:
-        from edgemesh.mesh.deployments import write_records
-
         doc = self._records()
-        drained = set(doc.get("drained", []))
+        drained = set(doc.drained)
         drained = drained | {box} if on else drained - {box}
-        doc["drained"] = sorted(drained)
-        write_records(self._ray, doc, None)
+        doc.drained = sorted(drained)
+        self._save(doc)
         self._exclude(drained)
         moved = []
         if on:
@@ -709,8 +686,6 @@ class MeshManager(Manager):
         return False
 
     def _remove(self, box: str, alive: bool) -> tuple[str, Any]:
-        from edgemesh.mesh.deployments import write_records
-
         if alive:
             self._drain(box, True)
             task = self._ray.remote(stop_agent)
@@ -727,11 +702,13 @@ class MeshManager(Manager):
         else:
             said = "forgotten"
         doc = self._records()
-        doc.setdefault("forgotten", {})[box] = time.time()
-        doc["drained"] = sorted(set(doc.get("drained", [])) - {box})
-        for record in doc["models"].values():
-            record["profiles"] = [p for p in record.get("profiles", []) if p.get("id") != box]
-        write_records(self._ray, doc, None)
+        doc.forgotten[box] = time.time()
+        doc.drained = sorted(set(doc.drained) - {box})
+        for n, record in doc.models.items():
+            doc.models[n] = replace(
+                record, profiles=tuple(p for p in record.profiles if p.id != box)
+            )
+        self._save(doc)
         msg = f"removed {box}: {said}"
         self.events.add("remove", msg, box=box)
         return msg, None

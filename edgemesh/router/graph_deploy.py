@@ -27,7 +27,7 @@ cache).
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,13 @@ from edgemesh.errors import (
 )
 from edgemesh.graph.manifest import MANIFEST, GraphManifest
 from edgemesh.graph.select import DEFAULT_MAX_ACCURACY_LOSS
+from edgemesh.mesh.deployment_record import GraphRecord
 from edgemesh.mesh.deployments import RAY_NAMESPACE as NAMESPACE
 from edgemesh.mesh.deployments import read_records, write_records
 from edgemesh.router.graph_place import (
     GRAPHS,
     GraphDeployOptions,
+    graph_record,
     place_replicas,
     remove_replicas,
 )
@@ -124,22 +126,16 @@ def deploy_graph(
     if host is not None or "gateway_host" not in doc:
         doc["gateway_host"] = host or (MESH_HOST if doc.get("api_key_sha256") else LOOPBACK)
     bind, shown = gateway_bind(doc["gateway_host"], head.address, keyed=True)
-    record = {
-        "kind": "graph",
-        "name": name,
-        "manifest": raw.decode(),
-        "package_dir": str(root),
-        "origin_box": here,
-        "replicas": placed.replicas,
-        "not_chosen": placed.not_chosen,
-        "refused": placed.refused,
-        "replicas_wanted": options.replicas,
-        "max_accuracy_loss": options.max_accuracy_loss,
-        "threads": options.threads,
-        "gateway": f"http://{shown}:{port}/v2",
-        "deployed": time.time(),
-    }
-    doc.setdefault(GRAPHS, {})[name] = record
+    record = graph_record(
+        name,
+        raw,
+        package_dir=str(root),
+        origin_box=here,
+        placed=placed,
+        options=options,
+        gateway=f"http://{shown}:{port}/v2",
+    )
+    doc.setdefault(GRAPHS, {})[name] = record.to_dict()
     doc["gateway"] = f"http://{shown}:{port}/v1"
     write_records(ray, doc, state_dir)  # before the gateway starts: it opens what they list
     try:
@@ -150,7 +146,7 @@ def deploy_graph(
         doc.get(GRAPHS, {}).pop(name, None)
         write_records(ray, doc, state_dir)
         raise
-    return record
+    return record.to_dict()
 
 
 def restart_gateway(ray: Any, doc: dict[str, Any], head: str, bind: str, port: int) -> None:
@@ -185,8 +181,8 @@ def undeploy_graph(name: str, state_dir: Path | None = None) -> dict[str, Any]:
     if not ray.is_initialized():
         raise MeshError("not connected to the mesh's Ray", hint="run `edgemesh join` first")
     doc = read_records(ray)
-    record = doc.get(GRAPHS, {}).pop(name, None)
-    if record is None:
+    raw = doc.get(GRAPHS, {}).pop(name, None)
+    if raw is None:
         if name in doc.get("models", {}):
             raise ConfigError(
                 f"'{name}' is an LLM deployment; `edgemesh undeploy` removes graph models",
@@ -196,26 +192,27 @@ def undeploy_graph(name: str, state_dir: Path | None = None) -> dict[str, Any]:
             f"no graph model '{name}' is deployed on this mesh; graph models: "
             f"{', '.join(sorted(doc.get(GRAPHS, {}))) or 'none'}"
         )
-    remove_replicas(ray, name, [r["box"] for r in record.get("replicas", [])])
+    record = GraphRecord.from_dict(raw)
+    remove_replicas(ray, name, record.boxes)
     write_records(ray, doc, state_dir)
     head = next((b for b in mesh_boxes(ray) if b.is_head), None)
-    url = doc.get("gateway") or record.get("gateway")
+    url = doc.get("gateway") or record.gateway
     if head is not None and url:
         bind, _ = gateway_bind(doc.get("gateway_host", MESH_HOST), head.address, keyed=True)
         restart_gateway(ray, doc, head.id, bind, urlparse(url).port or 8000)
-    return record
+    return record.to_dict()
 
 
-def find_graph_copy(ray: Any, record: dict[str, Any], boxes: list[Any]) -> tuple[str, str] | None:
+def find_graph_copy(ray: Any, record: GraphRecord, boxes: list[Any]) -> tuple[str, str] | None:
     """(box, folder) of an intact whole copy of ``record``'s package: the deploying
     box's folder first, then any box's cache (every replica box keeps one)."""
-    raw = record["manifest"].encode()
-    origin = record.get("origin_box")
+    raw = record.manifest.encode()
+    origin = record.origin_box
     task = ray.remote(whole_copy_on_box)
     order = sorted(boxes, key=lambda b: (b.id != origin, b.id))
     refs = [
         task.options(resources={f"box:{b.id}": 0.001}, num_cpus=0).remote(
-            b.id, raw, [record.get("package_dir", "")] if b.id == origin else []
+            b.id, raw, [record.package_dir] if b.id == origin else []
         )
         for b in order
     ]
@@ -241,7 +238,8 @@ def restore_graphs(
     skipped: dict[str, str] = {}
     drained = set(doc.get("drained", []))
     usable = [b.id for b in boxes if b.id not in drained]
-    for name, record in sorted(graphs.items()):
+    for name, raw in sorted(graphs.items()):
+        record = GraphRecord.from_dict(raw)
         found = find_graph_copy(ray, record, boxes)
         if found is None:
             skipped[name] = str(
@@ -254,15 +252,19 @@ def restore_graphs(
             continue
         source = _source(ray, found[0], found[1])
         options = GraphDeployOptions(
-            replicas=record.get("replicas_wanted"),
-            max_accuracy_loss=float(record.get("max_accuracy_loss", DEFAULT_MAX_ACCURACY_LOSS)),
-            threads=record.get("threads"),
+            replicas=record.replicas_wanted,
+            max_accuracy_loss=(
+                DEFAULT_MAX_ACCURACY_LOSS
+                if record.max_accuracy_loss is None
+                else record.max_accuracy_loss
+            ),
+            threads=record.threads,
         )
         try:
             placed = place_replicas(
                 ray,
                 name,
-                record["manifest"].encode(),
+                record.manifest.encode(),
                 usable,
                 source=source,
                 origin_box=found[0],
@@ -276,12 +278,13 @@ def restore_graphs(
             continue
         finally:
             ray.kill(source)
-        record.update(
-            replicas=placed.replicas,
-            not_chosen=placed.not_chosen,
-            refused=placed.refused,
+        graphs[name] = replace(
+            record,
+            replicas=tuple(placed.replicas),
+            not_chosen=dict(placed.not_chosen),
+            refused=dict(placed.refused),
             gateway=gateway_v1.removesuffix("/v1") + "/v2",
-        )
+        ).to_dict()
         restored.append(name)
     if graphs:
         write_records(ray, doc, state_dir)
@@ -290,16 +293,17 @@ def restore_graphs(
 
 def status_rows(doc: dict[str, Any]) -> dict[str, Any]:
     """``graphs`` of ``edgemesh status --json``: where each graph model's replicas run."""
+    graphs = {n: GraphRecord.from_dict(r) for n, r in (doc.get(GRAPHS) or {}).items()}
     return {
         name: {
-            "gateway": r.get("gateway"),
+            "gateway": r.gateway,
             "replicas": [
                 {k: rep.get(k) for k in ("box", "backend", "precision", "device", "p50_ms")}
-                for rep in r.get("replicas", [])
+                for rep in r.replicas
             ],
-            "refused": r.get("refused", {}),
+            "refused": dict(r.refused),
         }
-        for name, r in sorted((doc.get(GRAPHS) or {}).items())
+        for name, r in sorted(graphs.items())
     }
 
 

@@ -12,12 +12,14 @@ gateway nor the deploy, so any of them may import it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from edgemesh.errors import PlanError
 from edgemesh.graph.placement import Candidate, choose_replicas
 from edgemesh.graph.select import DEFAULT_MAX_ACCURACY_LOSS
+from edgemesh.mesh.deployment_record import GraphRecord
 from edgemesh.mesh.deployments import RAY_NAMESPACE as NAMESPACE
 from edgemesh.router.graph_replica import GraphReplicaActor, actor_name
 
@@ -41,6 +43,33 @@ class Placed:
     """box -> its measured p50 (ms): could serve it, but slower than the chosen."""
     refused: dict[str, str]
     """box -> why it cannot serve the model."""
+
+
+def graph_record(
+    name: str,
+    manifest_bytes: bytes,
+    *,
+    package_dir: str,
+    origin_box: str | None,
+    placed: Placed,
+    options: GraphDeployOptions,
+    gateway: str | None,
+) -> GraphRecord:
+    """The record of a graph model just placed (``edgemesh deploy`` and the page)."""
+    return GraphRecord(
+        name=name,
+        manifest=manifest_bytes.decode(),
+        package_dir=package_dir,
+        origin_box=origin_box,
+        replicas=tuple(placed.replicas),
+        not_chosen=dict(placed.not_chosen),
+        refused=dict(placed.refused),
+        replicas_wanted=options.replicas,
+        max_accuracy_loss=options.max_accuracy_loss,
+        threads=options.threads,
+        gateway=gateway,
+        deployed=time.time(),
+    )
 
 
 def place_replicas(
