@@ -393,9 +393,13 @@ def figure(result: dict[str, Any] | None) -> str:
     parts.append(provenance(result))
     parts.append(f"_Load average after the run:_ {' '.join(result.get('loadavg_after', []))}\n")
     machine = result.get("machine", {})
-    seen = [*machine.get("loadavg_before", []), *result.get("loadavg_after", [])]
-    loads = [float(x) for x in seen]
-    if loads and max(loads) > machine.get("cores", 1):
+    # The 1-minute averages only: the longer ones still hold whatever ran before,
+    # and the run itself keeps the cores busy (its own load shows up "after").
+    cores = machine.get("cores", 1)
+    before = [float(x) for x in machine.get("loadavg_before", [])[:1]]
+    after = [float(x) for x in result.get("loadavg_after", [])[:1]]
+    loads = before + after
+    if (before and before[0] > cores / 2) or (after and after[0] > cores):
         parts.append(
             f"\n_This run shared the machine with other work (load average up to {max(loads):.0f} "
             f"on {machine.get('cores')} cores): every figure, the ratios and the gateway's cost "
