@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -302,9 +303,12 @@ def run(models: list[str], threads: int, runs: int, out: Path) -> dict[str, Any]
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "models": {},
     }
-    for name in models:
-        print(f"[vision] {name}", flush=True)
-        result["models"][name] = bench_model(name, work, threads, runs)
+    try:
+        for name in models:
+            print(f"[vision] {name}", flush=True)
+            result["models"][name] = bench_model(name, work, threads, runs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # packages and frames: tens of MB a run
     result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
