@@ -51,6 +51,26 @@ def test_a_template_without_tools_gets_them_described_and_calls_written_out() ->
     assert messages_for_template(messages, tools, HERMES, template_knows_tools=True) is messages
 
 
+def test_content_given_as_text_parts_is_written_out_as_text() -> None:
+    # Found by the fuzz test: a past call whose content is a list of parts was a 500.
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+    def parts(*texts: str) -> list[dict[str, str]]:
+        return [{"type": "text", "text": t} for t in texts]
+
+    messages = [
+        {"role": "system", "content": parts("Be ", "brief.")},
+        {"role": "assistant", "content": parts("Checking. "), "tool_calls": [call]},
+        {"role": "tool", "content": parts("42")},
+    ]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    out = messages_for_template(messages, tools, HERMES, template_knows_tools=False)
+    assert out[0]["content"].startswith("Be brief.\n\n")
+    written = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert out[1]["content"] == "Checking. " + written
+    assert out[2]["content"] == "<tool_response>\n42\n</tool_response>"
+
+
 @pytest.mark.parametrize("fmt", [HERMES, LLAMA3_JSON])
 def test_replies_parse_into_tool_calls(fmt) -> None:
     key = fmt.arguments_key

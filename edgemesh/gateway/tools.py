@@ -262,6 +262,13 @@ def describe_tools(tools: list[dict[str, Any]], fmt: ToolFormat) -> str:
     return "\n".join(lines)
 
 
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's content as one string (a list of text parts joined)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(str(p.get("text", "")) for p in content)
+
+
 def messages_for_template(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
@@ -286,12 +293,12 @@ def messages_for_template(
                 + fmt.end
                 for c in m["tool_calls"]
             )
-            out.append({"role": "assistant", "content": (m.get("content") or "") + text})
+            out.append({"role": "assistant", "content": _text(m.get("content")) + text})
         elif m.get("role") == "tool":
             out.append(
                 {
                     "role": "user",
-                    "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>",
+                    "content": f"<tool_response>\n{_text(m.get('content'))}\n</tool_response>",
                 }
             )
         else:
@@ -299,9 +306,7 @@ def messages_for_template(
     if tools:
         system = describe_tools(tools, fmt)
         if out and out[0].get("role") in ("system", "developer"):
-            first = out[0].get("content") or ""
-            if not isinstance(first, str):
-                first = "".join(p.get("text", "") for p in first)
+            first = _text(out[0].get("content"))
             out[0] = {"role": "system", "content": first + "\n\n" + system}
         else:
             out.insert(0, {"role": "system", "content": system})
