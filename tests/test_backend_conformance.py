@@ -139,17 +139,12 @@ def _rss() -> int:
     Without the trim, memory freed by earlier tests in the same process sits
     in malloc's free lists and hides the growth this suite measures.
     """
-    import ctypes
-    import ctypes.util
-
     import psutil
 
+    from edgemesh import heap
+
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-        if trim is not None:  # glibc only
-            trim(0)
+    heap.trim()
     return int(psutil.Process().memory_info().rss)
 
 
